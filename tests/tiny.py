@@ -1,0 +1,96 @@
+"""Tiny random-init models of every supported architecture (fast unit and distributed tests).
+
+`initializer_range=0.2`: a frozen random model with the default 0.02 cannot be steered by a
+prefix (STACK.md), so the learning tests would stall.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    RobertaConfig,
+)
+
+from ptv2.model import build_from_config
+
+VOCAB = 96
+
+
+def tiny_config(arch: str):
+    common = dict(vocab_size=VOCAB, initializer_range=0.2)
+    if arch == "llama":  # grouped-query attention: 4 query heads share 2 kv heads
+        return LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            **common,
+        )
+    if arch == "qwen2":  # explicit head_dim different from hidden/heads
+        return Qwen2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            **common,
+        )
+    if arch == "mistral":
+        return MistralConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=None,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            **common,
+        )
+    if arch == "gpt2":
+        return GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, n_positions=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, **common
+        )
+    if arch == "bert":
+        return BertConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            **common,
+        )
+    if arch == "roberta":
+        return RobertaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=130,
+            pad_token_id=1,
+            **common,
+        )
+    raise KeyError(arch)
+
+
+DECODERS = ("llama", "qwen2", "mistral", "gpt2")
+ENCODERS = ("bert", "roberta")
+ARCHS = DECODERS + ENCODERS
+
+
+def tiny_model(arch: str, task: str = "causal-lm", labels=None, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_from_config(tiny_config(arch), task, labels)
+    return model.eval()
