@@ -28,7 +28,7 @@ $(VENV)/.done: pyproject.toml $(PINS) Makefile
 	touch $@
 
 data: setup
-	$(BIN)/python -m ptv2.datasets_real --out data
+	$(BIN)/python -m ptv2.assets --out data
 
 test: setup
 	$(BIN)/ruff check .

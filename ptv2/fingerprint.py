@@ -69,7 +69,8 @@ def _sample(param: torch.nn.Parameter) -> list[float]:
     with _gathered(param):
         flat = param.data.reshape(-1)
         n = flat.numel()
-        idx = torch.linspace(0, n - 1, steps=min(SAMPLES_PER_TENSOR, n)).long().to(flat.device)
+        k = min(SAMPLES_PER_TENSOR, n)
+        idx = (torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)).to(flat.device)
         values = flat[idx].detach().to(torch.float32).to(torch.bfloat16).to(torch.float32)
         return [float(v) for v in values.cpu()]
 

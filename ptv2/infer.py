@@ -80,12 +80,17 @@ def predict(
             for row in probs:
                 best = int(row.argmax())
                 results.append(
-                    {"label": names[best], "score": float(row[best]), "scores": dict(zip(names, row.tolist()))}
+                    {
+                        "label": names[best],
+                        "score": float(row[best]),
+                        "scores": dict(zip(names, row.tolist(), strict=True)),
+                    }
                 )
         else:
             words = [w.split() if isinstance(w, str) else list(w) for w in batch]
-            enc = tokenizer(words, is_split_into_words=True, return_tensors="pt", padding=True,
-                            truncation=True, max_length=limit)
+            enc = tokenizer(
+                words, is_split_into_words=True, return_tensors="pt", padding=True, truncation=True, max_length=limit
+            )
             logits = model(**{k: v.to(device) for k, v in enc.items()}).logits
             best = logits.argmax(-1).cpu()
             for b, ws in enumerate(words):

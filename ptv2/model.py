@@ -144,8 +144,10 @@ class PromptedModel(nn.Module):
         for name, param in base.named_parameters():
             param.requires_grad_(train_base or name in heads)
         params = inspect.signature(base.forward).parameters
-        # transformers 5.24 renamed `past_key_values` -> `cache` (old name warns until 5.40).
-        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        # transformers 5.24 renamed `past_key_values` -> `cache` (old name warns until 5.40). Task
+        # classes may only forward **kwargs, so the inner model's signature decides.
+        inner = inspect.signature(base.base_model.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params or "cache" in inner else "past_key_values"
         if isinstance(self.prompt, PromptEmbedding) and "inputs_embeds" not in params:
             raise ValueError(f"{type(base).__name__} takes no inputs_embeds: prompt-tuning needs them")
 

@@ -1,0 +1,173 @@
+"""Prompt artifacts: save -> load gives the same model; anything wrong is refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ptv2.artifact import FOLDED, MANIFEST, RAW, ArtifactError, load_prompt, read_manifest, save_prompt, sha256_file
+from ptv2.model import PromptedModel
+from ptv2.prefix import PromptConfig
+from tests.helpers import fit, randomize_prompt
+from tests.tiny import tiny_config, tiny_model
+
+T = 8
+CASES = [
+    ("llama", "causal-lm", PromptConfig(length=4)),
+    ("llama", "causal-lm", PromptConfig(length=4, projection=12, dropout=0.1)),
+    ("gpt2", "causal-lm", PromptConfig(method="prompt-tuning", length=3)),
+    ("bert", "seq-cls", PromptConfig(length=4)),
+    ("roberta", "token-cls", PromptConfig(length=4, projection=8)),
+    ("bert", "seq-cls", PromptConfig(length=0)),  # linear probe: head only
+]
+
+
+def _labels(task):
+    return {"causal-lm": None, "seq-cls": ["neg", "pos"], "token-cls": ["O", "B-x", "I-x"]}[task]
+
+
+def _trained(arch, task, cfg, seed=0):
+    model = PromptedModel(tiny_model(arch, task, _labels(task), seed=seed), cfg, task)
+    if model.prompt is not None:
+        randomize_prompt(model, seed=1, scale=0.5)
+    ids = torch.randint(3, 96, (4, T))
+    labels = ids if task == "causal-lm" else (torch.tensor([0, 1, 0, 1]) if task == "seq-cls" else ids % 3)
+    fit(model, {"input_ids": ids, "labels": labels}, steps=3)
+    return model
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = _trained("llama", "causal-lm", PromptConfig(length=4, projection=12))
+    path = save_prompt(model, tmp_path / "prompt", base_name_or_path="tiny-llama")
+    return model, path
+
+
+@pytest.mark.parametrize("arch,task,cfg", CASES)
+def test_save_then_load_into_a_fresh_plain_model_gives_identical_logits(tmp_path, arch, task, cfg):
+    model = _trained(arch, task, cfg)
+    ids = torch.randint(3, 96, (3, T))
+    with torch.no_grad():
+        expected = model(ids).logits
+    path = save_prompt(model, tmp_path / "p", base_name_or_path=f"tiny-{arch}", labels=_labels(task))
+    assert sorted(p.name for p in path.iterdir()) == sorted([MANIFEST, FOLDED, RAW])
+    for trainable in (False, True):
+        fresh = tiny_model(arch, task, _labels(task))  # same seed: the same frozen base
+        loaded = load_prompt(path, fresh, trainable=trainable).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert loaded.prompt_config == cfg  # the raw state keeps the MLP and dropout settings
+
+
+def test_manifest_describes_every_tensor_and_file(saved):
+    model, path = saved
+    m = read_manifest(path)
+    assert m["prompt"] == {"method": "ptv2", "length": 4, "projection": 12, "dropout": 0.0}
+    assert m["task"] == "causal-lm"
+    g = m["base_model"]["geometry"]
+    assert (g["num_layers"], g["num_kv_heads"], g["head_dim"]) == (2, 2, 8)
+    assert m["tensors"][FOLDED]["prompt.embedding.weight"] == {"shape": [4, 2 * 2 * 2 * 8], "dtype": "float32"}
+    assert set(m["tensors"][RAW]) == {f"prompt.{k}" for k in model.prompt.state_dict()}
+    for name in (FOLDED, RAW):
+        assert m["files"][name] == sha256_file(path / name)
+    for pkg in ("torch", "transformers", "safetensors"):
+        assert m["versions"][pkg]
+    assert m["base_model"]["fingerprint"]["weights_sha256"]
+
+
+@torch.no_grad()
+def test_generation_with_the_loaded_prompt(saved):
+    model, path = saved
+    loaded = load_prompt(path, tiny_model("llama"))
+    ids = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    new = loaded.generate(ids, mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert new.shape == (2, 4)
+    # the first generated token is the argmax of the prompted forward's last logits
+    assert torch.equal(new[:, 0], model(ids, attention_mask=mask).logits[:, -1].argmax(-1))
+    # and the prompt matters: the plain base continues differently for at least one row
+    plain = tiny_model("llama").generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0
+    )[:, 5:]
+    assert not torch.equal(new, plain)
+
+
+def test_wrong_base_model_weights_are_refused(saved):
+    _, path = saved
+    with pytest.raises(ArtifactError, match=r"different base model \(tiny-llama\).*tensor .*weights differ"):
+        load_prompt(path, tiny_model("llama", seed=7))
+
+
+def test_wrong_architecture_is_refused_naming_the_fields(saved):
+    _, path = saved
+    cfg = tiny_config("llama")
+    cfg.num_key_value_heads = 4
+    from ptv2.model import build_from_config
+
+    other = build_from_config(cfg, "causal-lm")
+    with pytest.raises(ArtifactError, match="num_kv_heads: prompt was trained with 2, model has 4"):
+        load_prompt(path, other)
+    with pytest.raises(ArtifactError, match="model_type: prompt was trained with 'llama', model has 'gpt2'"):
+        load_prompt(path, tiny_model("gpt2"))
+
+
+def test_same_model_in_bfloat16_is_accepted(saved):
+    _, path = saved
+    load_prompt(path, tiny_model("llama").to(torch.bfloat16))
+
+
+def test_tampered_file_is_refused(saved):
+    _, path = saved
+    f = path / FOLDED
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0x01
+    f.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"prompt.safetensors: checksum mismatch"):
+        load_prompt(path, tiny_model("llama"))
+
+
+def test_truncated_file_is_refused(saved):
+    _, path = saved
+    f = path / RAW
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(ArtifactError, match="trainable.safetensors: checksum mismatch.*truncated"):
+        load_prompt(path, tiny_model("llama"), trainable=True)
+
+
+def test_wrong_shapes_are_refused_even_with_a_consistent_checksum(saved):
+    """A tensor replaced by one of another shape (and the checksum updated to match) is caught
+    by the manifest's shapes."""
+    _, path = saved
+    f = path / FOLDED
+    tensors = load_file(f)
+    tensors["prompt.embedding.weight"] = tensors["prompt.embedding.weight"][:3]
+    save_file(tensors, f)
+    m = json.loads((path / MANIFEST).read_text())
+    m["files"][FOLDED] = sha256_file(f)
+    (path / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="tensors differ from the manifest at prompt.embedding.weight"):
+        load_prompt(path, tiny_model("llama"))
+
+
+def test_missing_or_foreign_folder_is_refused(tmp_path):
+    with pytest.raises(ArtifactError, match="manifest.json is missing"):
+        load_prompt(tmp_path, tiny_model("llama"))
+    (tmp_path / MANIFEST).write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        read_manifest(tmp_path)
+
+
+def test_existing_folder_is_not_overwritten_and_nothing_half_written(tmp_path, saved):
+    model, path = saved
+    before = {p.name: sha256_file(p) for p in path.iterdir()}
+    with pytest.raises(ArtifactError, match="exists and is not empty"):
+        save_prompt(model, path, base_name_or_path="x")
+    assert {p.name: sha256_file(p) for p in path.iterdir()} == before
+    # a failure after the tensor files were written (the manifest cannot be serialised)
+    with pytest.raises(TypeError):
+        save_prompt(model, tmp_path / "new", base_name_or_path="x", extra={"bad": object()})
+    assert not (tmp_path / "new").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
