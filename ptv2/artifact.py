@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from ptv2 import fingerprint as fp
 from ptv2.model import PromptedModel
-from ptv2.prefix import Geometry, PromptConfig
+from ptv2.prefix import Geometry, PromptConfig, build_prompt_module
 
 FORMAT = "ptv2-prompt/1"
 MANIFEST = "manifest.json"
@@ -73,6 +73,7 @@ def atomic_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise ArtifactError(f"{out} exists and is not empty; refusing to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is for sharing
     try:
         yield tmp
         if out.exists():
@@ -87,16 +88,28 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous().clone()
 
 
-def collect_tensors(model: PromptedModel) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(folded, raw) tensors of `model`'s prompt and head, on CPU. Under ZeRO-3 call this inside
-    a collective gather of the trainable parameters."""
+def collect_tensors(
+    model: PromptedModel, state: dict[str, torch.Tensor] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(folded, raw) tensors of `model`'s prompt and head, in float32 on CPU.
+
+    `state` maps trainable parameter names ("prompt.…", "base.<head>") to full tensors, e.g. the
+    fp32 master weights gathered from a DeepSpeed engine; by default the model's own are used.
+    The fold runs on a CPU copy of the prompt module, so it works whatever the engine did."""
+    if state is None:
+        state = {n: p for n, p in model.named_parameters() if n.startswith("prompt.")}
+        state.update({f"base.{n}": p for n, p in model.head_state().items()})
     folded: dict[str, torch.Tensor] = {}
     raw: dict[str, torch.Tensor] = {}
     if model.prompt is not None:
-        folded["prompt.embedding.weight"] = _cpu(model.prompt.fold())
-        raw.update({f"prompt.{k}": _cpu(v) for k, v in model.prompt.state_dict().items()})
-    for name, param in model.head_state().items():
-        folded[f"head.{name}"] = raw[f"head.{name}"] = _cpu(param)
+        copy = build_prompt_module(model.prompt_config, model.geometry)
+        copy.load_state_dict(
+            {k.removeprefix("prompt."): _cpu(v).float() for k, v in state.items() if k.startswith("prompt.")}
+        )
+        folded["prompt.embedding.weight"] = _cpu(copy.fold())
+        raw.update({f"prompt.{k}": _cpu(v) for k, v in copy.state_dict().items()})
+    for name in model.head_names:
+        folded[f"head.{name}"] = raw[f"head.{name}"] = _cpu(state[f"base.{name}"]).float()
     return folded, raw
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -93,3 +94,80 @@ def collate(features: Sequence[dict], pad_id: int, side: str = "right") -> dict[
             rows.append(pad + list(v) if side == "left" else list(v) + pad)
         out[key] = rows
     return {k: torch.tensor(v) for k, v in out.items()}
+
+
+def _read_table(path: Path, fmt: str):
+    from datasets import Dataset
+
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    if fmt == "auto":
+        fmt = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix.lower(), "")
+        if not fmt:
+            raise DataError(f"{path}: cannot tell the format from the suffix; set data.format")
+    try:
+        if fmt == "jsonl":
+            return Dataset.from_json(str(path), keep_in_memory=True)
+        if fmt == "csv":
+            return Dataset.from_csv(str(path), keep_in_memory=True)
+        return Dataset.from_parquet(str(path), keep_in_memory=True)
+    except Exception as e:  # datasets/pyarrow raise many kinds
+        raise DataError(f"{path}: cannot be read as {fmt}: {str(e).splitlines()[0][:200]}") from e
+
+
+def load_examples(path: str | Path, settings, task: str, labels: Sequence[str] | None, tokenizer) -> list[dict]:
+    """Read a data file with HF datasets and encode every row with the task's template. Bad
+    rows are collected and reported together, each with its file and row number."""
+    path = Path(path)
+    table = _read_table(path, settings.format)
+    if task == "seq-cls":
+        needed = [settings.text_column, settings.label_column] + (
+            [settings.text_pair_column] if settings.text_pair_column else []
+        )
+    elif task == "token-cls":
+        needed = [settings.tokens_column, settings.tags_column]
+    else:
+        needed = [settings.prompt_column, settings.response_column]
+    missing = [c for c in needed if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(table.column_names)})")
+    examples, errors = [], []
+    for i, row in enumerate(table):
+        try:
+            if task == "seq-cls":
+                pair = row[settings.text_pair_column] if settings.text_pair_column else None
+                label = row[settings.label_column]
+                ex = encode_classification(
+                    tokenizer,
+                    row[settings.text_column],
+                    None if label is None else str(label),
+                    list(labels),
+                    settings.max_length,
+                    pair,
+                )
+                if label is None:
+                    raise DataError("missing label")
+            elif task == "token-cls":
+                ex = encode_tagging(
+                    tokenizer, row[settings.tokens_column], row[settings.tags_column], list(labels), settings.max_length
+                )
+            else:
+                prompt = row[settings.prompt_column]
+                if not isinstance(prompt, str) or not prompt.strip():
+                    raise DataError("empty prompt")
+                ex = encode_generation(
+                    tokenizer,
+                    settings.prompt_template.replace("{prompt}", prompt),
+                    row[settings.response_column],
+                    settings.max_length,
+                )
+        except DataError as e:
+            errors.append(f"{path}:row {i + 1}: {e}")
+            continue
+        examples.append(ex)
+    if errors:
+        more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
+        raise DataError(f"{len(errors)} bad row(s): " + "; ".join(errors[:10]) + more)
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples

@@ -13,12 +13,13 @@ collective call, so every rank must compute the fingerprint together.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from collections.abc import Iterable
 
 import torch
+
+from ptv2.distributed import gathered
 
 SAMPLES_PER_TENSOR = 8
 # Config fields that define what the weights mean (label names and dtype do not).
@@ -57,16 +58,8 @@ def _config_fields(config) -> dict:
     return {k: d[k] for k in CONFIG_FIELDS if k in d and d[k] is not None}
 
 
-def _gathered(param: torch.nn.Parameter):
-    if hasattr(param, "ds_id"):  # partitioned by ZeRO-3
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
-    return contextlib.nullcontext()
-
-
 def _sample(param: torch.nn.Parameter) -> list[float]:
-    with _gathered(param):
+    with gathered([param]):
         flat = param.data.reshape(-1)
         n = flat.numel()
         k = min(SAMPLES_PER_TENSOR, n)

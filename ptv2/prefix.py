@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 Method = Literal["ptv2", "prompt-tuning"]
-METHODS: tuple[str, ...] = ("ptv2", "prompt-tuning")
 
 # model_type -> "decoder" (causal self-attention) or "encoder" (bidirectional).
 # Each entry is covered by tests/test_prefix_attention.py; anything else is refused, because a
@@ -36,27 +36,20 @@ class UnsupportedModelError(ValueError):
     pass
 
 
-@dataclass(frozen=True)
-class PromptConfig:
+class PromptConfig(BaseModel):
     """What to train. `length` 0 means no prompt at all (head only: a linear probe)."""
 
-    method: Method = "ptv2"
-    length: int = 16
-    projection: int | None = None  # hidden size of the reparameterization MLP; None = plain
-    dropout: float = 0.0
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"prompt method {self.method!r} is not one of {', '.join(METHODS)}")
-        if not isinstance(self.length, int) or self.length < 0:
-            raise ValueError(f"prompt length must be an integer >= 0, got {self.length!r}")
-        if self.projection is not None and self.projection <= 0:
-            raise ValueError(f"prompt projection must be a positive size or null, got {self.projection}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"prompt dropout must be in [0, 1), got {self.dropout}")
+    method: Method = Field("ptv2", description="ptv2: deep prefix at every layer; prompt-tuning: input embeddings only")
+    length: int = Field(16, ge=0, le=4096, description="number of prompt positions (0: no prompt, head only)")
+    projection: int | None = Field(
+        None, gt=0, le=65536, description="hidden size of the reparameterization MLP; null for a plain table"
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the prompt during training")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
 
 
 @dataclass(frozen=True)
@@ -173,8 +166,12 @@ class PromptEmbedding(_Reparameterized):
         """Start from the embeddings of random real tokens (Lester et al.'s best initialisation);
         only for the plain variant, where the rows are the parameters."""
         if self.mlp is None:
+            from ptv2.distributed import gathered
+
             ids = torch.randint(0, embeddings.num_embeddings, (self.length,))
-            self.embedding.weight.copy_(embeddings.weight[ids].to(self.embedding.weight.dtype))
+            # under ZeRO-3 both tables are partitioned: gather, write on rank 0, re-partition
+            with gathered([embeddings.weight, self.embedding.weight], modifier_rank=0):
+                self.embedding.weight.copy_(embeddings.weight[ids].to(self.embedding.weight.dtype))
 
 
 def build_prompt_module(config: PromptConfig, geometry: Geometry) -> PrefixEncoder | PromptEmbedding | None:

@@ -219,7 +219,16 @@ def test_prompt_longer_than_the_model_allows_is_refused():
         PromptedModel(tiny_model("llama"), PromptConfig(length=128), "causal-lm")
 
 
-@pytest.mark.parametrize("bad", [dict(method="lora"), dict(length=-1), dict(projection=0), dict(dropout=1.5)])
-def test_bad_prompt_settings_are_refused(bad):
-    with pytest.raises(ValueError, match="prompt"):
+@pytest.mark.parametrize(
+    "bad,field",
+    [
+        (dict(method="lora"), "method"),
+        (dict(length=-1), "length"),
+        (dict(projection=0), "projection"),
+        (dict(dropout=1.5), "dropout"),
+        (dict(lenght=4), "lenght"),
+    ],
+)
+def test_bad_prompt_settings_are_refused_naming_the_field(bad, field):
+    with pytest.raises(ValueError, match=field):
         PromptConfig(**bad)

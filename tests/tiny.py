@@ -94,3 +94,45 @@ def tiny_model(arch: str, task: str = "causal-lm", labels=None, seed: int = 0):
     torch.manual_seed(seed)
     model = build_from_config(tiny_config(arch), task, labels)
     return model.eval()
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny vocabulary: "w0".."w92" plus [PAD] [UNK] [EOS]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{f"w{i}": i + 3 for i in range(VOCAB - 3)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+
+
+def save_tiny(path, arch: str, task: str = "causal-lm", labels=None, seed: int = 0):
+    """A tiny model + tokenizer folder that `from_pretrained` loads like a real checkpoint."""
+    cfg = tiny_config(arch)
+    if arch == "roberta":
+        cfg.pad_token_id = 0
+    torch.manual_seed(seed)
+    # saved as a plain base model + config so every task head is "new" at load, as with real models
+    model = build_from_config(cfg, task, labels)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def write_task_data(path, task: str, n: int = 64, seed: int = 0) -> None:
+    """Synthetic but learnable examples in the jsonl layout of each task."""
+    import json
+    import random
+
+    r = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            words = [f"w{r.randrange(VOCAB - 3)}" for _ in range(r.randint(3, 8))]
+            if task == "causal-lm":
+                row = {"prompt": " ".join(words), "response": "w1 w2 " + words[0]}  # a constant part + a copy
+            elif task == "seq-cls":
+                row = {"text": " ".join(words), "label": "even" if int(words[0][1:]) % 2 == 0 else "odd"}
+            else:
+                row = {"tokens": words, "tags": ["B-x" if int(w[1:]) % 3 == 0 else "O" for w in words]}
+            f.write(json.dumps(row) + "\n")

@@ -1,0 +1,84 @@
+"""Process groups for the three launch modes, and the few collectives the loop needs.
+
+1. a single process: a group of one is created on 127.0.0.1;
+2. `torchrun` / the `deepspeed` launcher: the group comes from their environment;
+3. a worker whose group already exists (Ray Train): it is used as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup() -> Dist:
+    """Join (or create) the process group and pick this rank's device."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    backend = acc.communication_backend_name() if acc.device_name() != "cpu" else "gloo"
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # mode 1: a single process
+            os.environ.update(
+                RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+            )
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend)
+    else:  # mode 3: DeepSpeed must adopt the existing group
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if acc.device_name() == "cpu":
+        device = torch.device("cpu")
+    else:
+        acc.set_device(local_rank)
+        device = torch.device(acc.device_name(local_rank))
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
+
+
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def gathered(params, modifier_rank: int | None = None):
+    """Collectively gather ZeRO-3 partitioned `params` (every rank must enter); a no-op otherwise."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,112 @@
+"""Evaluation that is correct across ranks.
+
+Every rank takes an equal number of batches (ZeRO-3 forwards are collective), padding its shard
+by repeating examples that are then masked out, so no example is counted twice or missed. Each
+rank sums counts (loss, correct, per-class and per-entity tp/fp/fn); one all-reduce adds them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ptv2.data import IGNORE_INDEX, collate
+from ptv2.distributed import all_sum
+
+
+def entity_spans(tags: Sequence[str]) -> set[tuple[str, int, int]]:
+    """(type, start, end) of every BIO entity; an I- tag without a matching B- starts one."""
+    spans, kind, start = set(), None, 0
+    for i, tag in enumerate([*tags, "O"]):
+        prefix, _, typ = tag.partition("-")
+        if kind is not None and (prefix != "I" or typ != kind):
+            spans.add((kind, start, i))
+            kind = None
+        if prefix == "B" or (prefix == "I" and kind is None):
+            kind, start = typ, i
+    return spans
+
+
+def shard(n: int, rank: int, world: int) -> list[tuple[int, bool]]:
+    """(index, counts) pairs for `rank`: an equal share per rank, padded with masked repeats."""
+    per_rank = -(-n // world)
+    own = list(range(rank, n, world))
+    return [(i, True) for i in own] + [(own[0] if own else 0, False)] * (per_rank - len(own))
+
+
+@torch.no_grad()
+def evaluate(
+    forward: Callable[..., torch.Tensor],
+    examples: list[dict],
+    task: str,
+    labels: Sequence[str] | None,
+    batch_size: int,
+    pad_id: int,
+    rank: int,
+    world: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """`forward(**batch)` returns logits. Metrics are identical on every rank."""
+    items = shard(len(examples), rank, world)
+    n_labels = len(labels) if labels else 0
+    # sums: [loss, n_loss, correct, n_acc, tp.. (per class or entity), pred.., gold..]
+    sums = torch.zeros(4 + 3 * max(n_labels, 1), dtype=torch.float64)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        batch = collate([examples[i] for i, _ in chunk], pad_id)
+        valid = torch.tensor([v for _, v in chunk])
+        gold = batch.pop("labels")
+        logits = forward(**{k: v.to(device) for k, v in batch.items()}).float().cpu()
+        if task == "seq-cls":
+            loss = F.cross_entropy(logits, gold, reduction="none")
+            pred = logits.argmax(-1)
+            sums[0] += loss[valid].sum()
+            sums[1] += valid.sum()
+            sums[2] += (pred == gold)[valid].sum()
+            sums[3] += valid.sum()
+            for c in range(n_labels):
+                p, g = (pred == c) & valid, (gold == c) & valid
+                sums[4 + c] += (p & g).sum()
+                sums[4 + n_labels + c] += p.sum()
+                sums[4 + 2 * n_labels + c] += g.sum()
+            continue
+        if task == "causal-lm":  # next-token prediction
+            logits, gold = logits[:, :-1], gold[:, 1:]
+        mask = (gold != IGNORE_INDEX) & valid[:, None]
+        loss = F.cross_entropy(logits.transpose(1, 2), gold.clamp(min=0), reduction="none")
+        pred = logits.argmax(-1)
+        sums[0] += loss[mask].sum()
+        sums[1] += mask.sum()
+        sums[2] += (pred == gold)[mask].sum()
+        sums[3] += mask.sum()
+        if task == "token-cls":
+            for b in range(len(chunk)):
+                if not chunk[b][1]:
+                    continue
+                m = gold[b] != IGNORE_INDEX
+                g = entity_spans([labels[i] for i in gold[b][m].tolist()])
+                p = entity_spans([labels[i] for i in pred[b][m].tolist()])
+                sums[4] += len(g & p)
+                sums[5] += len(p)
+                sums[6] += len(g)
+    s = all_sum(sums.tolist(), device)
+    out = {"loss": s[0] / max(s[1], 1), "accuracy": s[2] / max(s[3], 1), "examples": float(len(examples))}
+    if task == "seq-cls":
+        f1s = []
+        for c in range(n_labels):
+            tp, npred, ngold = s[4 + c], s[4 + n_labels + c], s[4 + 2 * n_labels + c]
+            f1s.append(2 * tp / (npred + ngold) if npred + ngold else 0.0)
+        out["macro_f1"] = sum(f1s) / n_labels
+    elif task == "token-cls":
+        tp, npred, ngold = s[4], s[5], s[6]
+        out["entity_precision"] = tp / npred if npred else 0.0
+        out["entity_recall"] = tp / ngold if ngold else 0.0
+        out["entity_f1"] = 2 * tp / (npred + ngold) if npred + ngold else 0.0
+    else:
+        out["perplexity"] = float(torch.tensor(out["loss"]).exp())
+    return out
+
+
+PRIMARY_METRIC = {"seq-cls": ("accuracy", "max"), "token-cls": ("entity_f1", "max"), "causal-lm": ("loss", "min")}

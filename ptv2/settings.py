@@ -1,0 +1,129 @@
+"""Typed settings of a training job: what the YAML job spec's sections hold.
+
+The launcher's job spec is built from these models (plus its own `resources` and `tracking`),
+so one definition serves validation, the JSON schema and the training loop. Unknown keys are
+errors everywhere: a typo must not pass silently.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ptv2.prefix import PromptConfig
+
+Task = Literal["causal-lm", "seq-cls", "token-cls"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSettings(_Strict):
+    name_or_path: str = Field(min_length=1, description="a local HF model folder (or a hub id where one is reachable)")
+    task: Task
+    labels: list[str] | None = Field(None, description="label names (seq-cls) or tags (token-cls), in id order")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights and compute: auto = bfloat16 on GPU, float32 on CPU"
+    )
+    trust_remote_code: bool = Field(False, description="run the model repository's own Python code (off unless set)")
+
+    @model_validator(mode="after")
+    def _labels_fit_task(self) -> ModelSettings:
+        if self.task == "causal-lm" and self.labels:
+            raise ValueError("labels are only for seq-cls and token-cls tasks, not causal-lm")
+        if self.task != "causal-lm":
+            if not self.labels or len(self.labels) < 2:
+                raise ValueError(f"task {self.task} needs at least 2 labels")
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError(f"labels must be unique, got {self.labels}")
+        return self
+
+
+class DataSettings(_Strict):
+    train_file: str = Field(min_length=1, description="jsonl, csv or parquet file of training examples")
+    validation_file: str | None = Field(None, description="held-out examples for evaluation")
+    format: Literal["auto", "jsonl", "csv", "parquet"] = Field("auto", description="auto: from the file suffix")
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    tokens_column: str = "tokens"
+    tags_column: str = "tags"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    prompt_template: str = Field(
+        "{prompt}\n", description="generation: how the prompt text is laid out; {prompt} is replaced (no code runs)"
+    )
+    max_length: int = Field(128, ge=8, le=131072, description="tokens per example, prompt excluded")
+
+    @model_validator(mode="after")
+    def _template_has_slot(self) -> DataSettings:
+        if "{prompt}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain {prompt}")
+        return self
+
+
+class TrainSettings(_Strict):
+    epochs: float | None = Field(None, gt=0, le=1000, description="passes over the training data (or use max_steps)")
+    max_steps: int | None = Field(None, gt=0, le=10_000_000, description="optimizer steps; overrides epochs")
+    lr: float = Field(1e-2, gt=0, le=10, description="peak learning rate (prompts like 1e-3..3e-2)")
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    micro_batch_size: int = Field(8, ge=1, le=65536, description="examples per worker per forward")
+    gradient_accumulation: int = Field(1, ge=1, le=4096)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null for none")
+    seed: int = Field(0, ge=0)
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: at the end only)")
+    checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps (0: none)")
+    keep_checkpoints: int = Field(2, ge=1, le=100)
+    log_every: int = Field(10, ge=1)
+    max_failures: int = Field(0, ge=0, le=100, description="worker-group restarts allowed (resume from checkpoint)")
+    train_base: bool = Field(False, description="full fine-tuning baseline: also train the base model")
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainSettings:
+        if self.epochs is None and self.max_steps is None:
+            self.epochs = 1.0
+        return self
+
+
+class DeepSpeedSettings(_Strict):
+    config: str = Field("zero3.json", description="a file in deepspeed_configs/ or a path to a DeepSpeed JSON")
+    overrides: dict = Field(default_factory=dict, description="merged into the file's JSON (nested keys)")
+
+
+class TrainJob(_Strict):
+    """Everything the training loop needs; paths are absolute by the time it runs."""
+
+    model: ModelSettings
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    data: DataSettings
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
+    output_dir: str = Field("runs/job", description="checkpoints and prompt artifacts go here")
+
+    def resolve_paths(self, base: Path) -> TrainJob:
+        """A copy with relative file paths made absolute against `base` (the spec's folder)."""
+
+        def fix(p: str | None) -> str | None:
+            if p is None:
+                return None
+            path = Path(p).expanduser()
+            return str(path if path.is_absolute() else (base / path).resolve())
+
+        data = self.data.model_copy(
+            update={"train_file": fix(self.data.train_file), "validation_file": fix(self.data.validation_file)}
+        )
+        model = self.model
+        local = Path(self.model.name_or_path).expanduser()
+        if self.model.name_or_path.startswith((".", "/", "~")) or (base / local).exists():
+            model = model.model_copy(update={"name_or_path": fix(self.model.name_or_path)})
+        ds = self.deepspeed
+        if Path(ds.config).suffix == ".json" and ("/" in ds.config or (base / ds.config).exists()):
+            ds = ds.model_copy(update={"config": fix(ds.config)})
+        return self.model_copy(
+            update={"data": data, "model": model, "deepspeed": ds, "output_dir": fix(self.output_dir)}
+        )

@@ -1,0 +1,159 @@
+"""DeepSpeed on 2 CPU ranks over gloo (torchrun): partitioning, optimizer contents, frozen
+weights, reload equivalence, and exact resume after a killed worker or a truncated checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.tiny import save_tiny, write_task_data
+
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
+WORKER = Path(__file__).with_name("dist_worker.py")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _job(tmp: Path, arch: str, task: str, labels=None, **train) -> Path:
+    save_tiny(tmp / "model", arch, task, labels)
+    write_task_data(tmp / "train.jsonl", task, n=96)
+    write_task_data(tmp / "dev.jsonl", task, n=32, seed=1)
+    spec = {
+        "model": {"name_or_path": "model", "task": task, **({"labels": labels} if labels else {})},
+        "prompt": {"length": 4},
+        "data": {"train_file": "train.jsonl", "validation_file": "dev.jsonl", "max_length": 32},
+        "train": {
+            "max_steps": 24,
+            "lr": 0.1,
+            "micro_batch_size": 8,
+            "log_every": 1,
+            "eval_every": 12,
+            "checkpoint_every": 4,
+            **train,
+        },
+        "deepspeed": {
+            "config": "zero3.json",
+            "overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
+        },
+        "output_dir": "out",
+    }
+    path = tmp / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def torchrun(job: Path, report: Path, *extra: str, env: dict | None = None, check: bool = True):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(WORKER),
+        str(job),
+        str(report),
+        *extra,
+    ]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.run(cmd, cwd=job.parent, env=full_env, capture_output=True, text=True, timeout=300)
+    if check and not report.is_file():
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _losses(report: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in report.with_suffix(".losses.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+@pytest.mark.parametrize(
+    "arch,task,labels",
+    [("llama", "causal-lm", None), ("bert", "seq-cls", ["even", "odd"])],
+)
+def test_zero3_two_ranks_trains_only_the_prompt(tmp_path, arch, task, labels):
+    job = _job(tmp_path, arch, task, labels)
+    report = tmp_path / "report.json"
+    torchrun(job, report, "--checks")
+    r = json.loads(report.read_text())
+    assert r["partitioned"] and r["partition_fraction"] == pytest.approx(0.5, abs=0.02)
+    assert r["optimizer_holds_only_trainable"]
+    assert r["optimizer_numel"] == r["trainable_numel"]
+    # AdamW's two moments for this rank's half of the trainable values
+    assert r["optimizer_state_numel_this_rank"] == pytest.approx(r["trainable_numel"], rel=0.05)
+    assert r["frozen_unchanged"] and r["frozen_compared"] > 10
+    assert r["reload_max_abs_diff"] < 1e-5
+    losses = list(_losses(report).values())
+    assert sum(losses[-4:]) / 4 < 0.9 * sum(losses[:4]) / 4, losses
+    if task == "seq-cls":
+        assert {"accuracy", "macro_f1"} <= set(r["metrics"])
+    assert (tmp_path / "out" / "prompt" / "manifest.json").is_file()
+    assert (tmp_path / "out" / "best" / "manifest.json").is_file()
+
+
+def test_killed_worker_and_truncated_checkpoint_resume_the_same_trajectory(tmp_path):
+    job = _job(tmp_path, "llama", "causal-lm", max_steps=12)
+    reference = tmp_path / "a" / "report.json"
+    reference.parent.mkdir()
+    spec = yaml.safe_load(job.read_text())
+    spec["output_dir"] = "a/out"
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(spec))
+    torchrun(tmp_path / "a.yaml", reference)
+    expected = _losses(reference)
+
+    # rank 1 dies at step 6; the rerun resumes from the step-4 checkpoint
+    report = tmp_path / "report.json"
+    proc = torchrun(job, report, env={"PTV2_TEST_FAIL_AT_STEP": "6"}, check=False)
+    assert proc.returncode != 0 and not report.exists()
+    assert "test failure injected: rank 1 exits at step 6" in proc.stdout + proc.stderr
+    report.with_suffix(".losses.jsonl").unlink()
+    proc = torchrun(job, report, env={"PTV2_TEST_FAIL_AT_STEP": "6"})
+    assert "resumed from checkpoint step-00000004 (step 4)" in proc.stdout
+    resumed = _losses(report)
+    assert sorted(resumed) == list(range(5, 13))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+
+    # a truncated newest checkpoint is detected and the previous one used
+    ckpts = sorted((tmp_path / "out" / "checkpoints").glob("step-*"))
+    assert [c.name for c in ckpts] == ["step-00000004", "step-00000008"]
+    victim = next(ckpts[-1].glob("*optim_states.pt"))
+    victim.write_bytes(victim.read_bytes()[:100])
+    report.unlink()
+    report.with_suffix(".losses.jsonl").unlink()
+    proc = torchrun(job, report)
+    assert "skipping checkpoint step-00000008" in proc.stdout and "checksum" in proc.stdout
+    assert "resumed from checkpoint step-00000004" in proc.stdout
+    assert _losses(report) == pytest.approx({s: expected[s] for s in range(5, 13)}, rel=1e-5)
+
+
+@pytest.mark.parametrize("config", ["zero2.json", "replicated.json", "zero3_offload.json"])
+def test_other_deepspeed_configs_give_the_same_training(tmp_path, config):
+    job = _job(tmp_path, "llama", "causal-lm", max_steps=6, checkpoint_every=0, eval_every=0)
+    spec = yaml.safe_load(job.read_text())
+    torchrun(job, tmp_path / "z3.json")
+    spec["deepspeed"] = {"config": config}
+    spec["output_dir"] = "out2"
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(spec))
+    torchrun(tmp_path / "other.yaml", tmp_path / "other.json")
+    assert _losses(tmp_path / "other.json") == pytest.approx(_losses(tmp_path / "z3.json"), rel=1e-4)
+
+
+def test_single_process_mode(tmp_path):
+    job = _job(tmp_path, "gpt2", "causal-lm", max_steps=4, checkpoint_every=2, eval_every=0)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ptv2.train", str(job)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "workers=1 zero_stage=3" in proc.stdout
+    assert (tmp_path / "out" / "prompt" / "manifest.json").is_file()
