@@ -1,0 +1,153 @@
+"""The training loop's parts: DeepSpeed config filling, data templates and bad rows, metrics
+that count each example once across ranks, the learning-rate schedule."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ptv2 import dsconfig
+from ptv2.data import IGNORE_INDEX, DataError, collate, load_examples
+from ptv2.evaluate import entity_spans, evaluate, shard
+from ptv2.settings import DataSettings, TrainJob
+from ptv2.train import lr_lambda
+from tests.tiny import tiny_tokenizer
+
+
+def _job(**over) -> TrainJob:
+    spec = {
+        "model": {"name_or_path": "m", "task": "causal-lm"},
+        "data": {"train_file": "t.jsonl"},
+        "train": {"micro_batch_size": 4, "gradient_accumulation": 3, "max_grad_norm": 0.5},
+    }
+    for k, v in over.items():
+        spec[k] = v
+    return TrainJob.model_validate(spec)
+
+
+@pytest.mark.parametrize("name", ["zero3.json", "zero3_offload.json", "zero2.json", "replicated.json"])
+def test_every_shipped_config_is_filled_from_the_job(name):
+    cfg = dsconfig.build(_job(deepspeed={"config": name}), world_size=2, dtype="bfloat16")
+    assert cfg["train_micro_batch_size_per_gpu"] == 4
+    assert cfg["gradient_accumulation_steps"] == 3
+    assert cfg["train_batch_size"] == 4 * 3 * 2
+    assert cfg["gradient_clipping"] == 0.5
+    assert cfg["bf16"]["enabled"] is True and cfg["fp16"]["enabled"] is False
+    assert "auto" not in json.dumps(cfg)
+
+
+def test_overrides_merge_but_cannot_duplicate_job_values():
+    cfg = dsconfig.build(
+        _job(deepspeed={"config": "zero3.json", "overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}}),
+        1,
+        "float32",
+    )
+    assert cfg["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    assert cfg["zero_optimization"]["stage"] == 3 and dsconfig.zero_stage(cfg) == 3
+    with pytest.raises(dsconfig.DeepSpeedConfigError, match="train_micro_batch_size_per_gpu is set from the job"):
+        dsconfig.build(_job(deepspeed={"overrides": {"train_micro_batch_size_per_gpu": 2}}), 1, "float32")
+    with pytest.raises(dsconfig.DeepSpeedConfigError, match=r"bf16.enabled is set from the job: use model.dtype"):
+        dsconfig.build(_job(deepspeed={"overrides": {"bf16": {"enabled": True}}}), 1, "float32")
+    with pytest.raises(dsconfig.DeepSpeedConfigError, match="neither a file nor one of deepspeed_configs/"):
+        dsconfig.build(_job(deepspeed={"config": "zero9.json"}), 1, "float32")
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_generation_template_puts_loss_on_the_response_only(tmp_path):
+    tok = tiny_tokenizer()
+    f = _write(tmp_path / "g.jsonl", [{"prompt": "w1 w2 w3", "response": "w4 w5"}])
+    [ex] = load_examples(f, DataSettings(train_file=str(f), prompt_template="w9 {prompt}"), "causal-lm", None, tok)
+    assert tok.convert_ids_to_tokens(ex["input_ids"]) == ["w9", "w1", "w2", "w3", "w4", "w5", "[EOS]"]
+    assert ex["labels"] == [IGNORE_INDEX] * 4 + ex["input_ids"][4:]
+
+
+def test_tagging_labels_only_first_subtokens_and_classification_maps_labels(tmp_path):
+    tok = tiny_tokenizer()
+    f = _write(tmp_path / "n.jsonl", [{"tokens": ["w1", "w2"], "tags": ["B-x", "O"]}])
+    [ex] = load_examples(f, DataSettings(train_file=str(f)), "token-cls", ["O", "B-x", "I-x"], tok)
+    assert ex["labels"] == [1, 0]
+    f = _write(tmp_path / "c.csv", [])
+    f.write_text("text,label\nw1 w2,pos\nw3,neg\n")
+    exs = load_examples(f, DataSettings(train_file=str(f)), "seq-cls", ["neg", "pos"], tok)
+    assert [e["labels"] for e in exs] == [1, 0]
+
+
+def test_bad_rows_are_reported_with_file_and_row(tmp_path):
+    tok = tiny_tokenizer()
+    rows = [{"text": "w1", "label": "pos"}, {"text": "", "label": "pos"}, {"text": "w2", "label": "maybe"},
+            {"text": "w3", "label": None}]
+    f = _write(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        load_examples(f, DataSettings(train_file=str(f)), "seq-cls", ["neg", "pos"], tok)
+    msg = str(e.value)
+    assert "3 bad row(s)" in msg
+    assert f"{f}:row 2: empty text" in msg
+    assert f"{f}:row 3: unknown label 'maybe'" in msg
+    assert f"{f}:row 4: missing label" in msg
+    with pytest.raises(DataError, match=r"missing column\(s\) label"):
+        load_examples(_write(tmp_path / "x.jsonl", [{"text": "w1"}]), DataSettings(train_file="x"), "seq-cls",
+                      ["a", "b"], tok)
+    with pytest.raises(DataError, match="no such data file"):
+        load_examples(tmp_path / "nope.jsonl", DataSettings(train_file="x"), "seq-cls", ["a", "b"], tok)
+    f = _write(tmp_path / "n.jsonl", [{"tokens": ["w1", "w2"], "tags": ["O"]}])
+    with pytest.raises(DataError, match="row 1: 2 tokens but 1 tags"):
+        load_examples(f, DataSettings(train_file=str(f)), "token-cls", ["O", "B-x"], tok)
+
+
+def test_collate_pads_dynamically():
+    b = collate([{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": 1},
+                 {"input_ids": [5], "attention_mask": [1], "labels": 0}], pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b["labels"].tolist() == [1, 0]
+    left = collate([{"input_ids": [5, 6], "labels": [1, 2]}, {"input_ids": [5], "labels": [3]}], 0, side="left")
+    assert left["input_ids"].tolist() == [[5, 6], [0, 5]] and left["labels"].tolist() == [[1, 2], [IGNORE_INDEX, 3]]
+
+
+def test_entity_spans():
+    assert entity_spans(["B-per", "I-per", "O", "B-loc", "B-loc", "I-org"]) == {
+        ("per", 0, 2), ("loc", 3, 4), ("loc", 4, 5), ("org", 5, 6)}
+    assert entity_spans(["O", "O"]) == set()
+
+
+@pytest.mark.parametrize("n,world", [(7, 2), (8, 2), (1, 2), (5, 3)])
+def test_shards_cover_every_example_once(n, world):
+    shards = [shard(n, r, world) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # equal batch counts: ZeRO-3 forwards are collective
+    counted = sorted(i for s in shards for i, valid in s if valid)
+    assert counted == list(range(n))
+
+
+def test_evaluation_counts_each_example_once():
+    """Simulate 2 ranks: the padded repeat on rank 1 must not count."""
+    examples = [{"input_ids": [3 + i], "attention_mask": [1], "labels": i % 2} for i in range(5)]
+
+    def forward(input_ids, attention_mask):  # predicts class 1 for every input
+        return torch.tensor([[0.0, 1.0]]).expand(len(input_ids), 2)
+
+    import ptv2.evaluate as ev
+
+    totals = []
+    orig = ev.all_sum
+    ev.all_sum = lambda values, device: totals.append(values) or values
+    try:
+        for rank in range(2):
+            evaluate(forward, examples, "seq-cls", ["a", "b"], 2, 0, rank, 2, torch.device("cpu"))
+    finally:
+        ev.all_sum = orig
+    summed = [a + b for a, b in zip(*totals, strict=True)]
+    assert summed[1] == 5 and summed[2] == 2  # 5 examples, 2 of class 1 correct
+
+
+def test_schedule_warms_up_then_decays():
+    f = lr_lambda("linear", warmup=4, total=14)
+    assert [round(f(s), 2) for s in (0, 3, 4, 9, 14)] == [0.25, 1.0, 1.0, 0.5, 0.0]
+    c = lr_lambda("cosine", warmup=0, total=10)
+    assert c(0) == 1.0 and abs(c(5) - 0.5) < 1e-9 and c(10) < 1e-9
+    assert lr_lambda("constant", 2, 10)(7) == 1.0
