@@ -161,6 +161,21 @@ def chat_pairs() -> list[dict]:
 
 
 DATASETS = ("polarity", "uncertainty", "wnut16", "chat")
+MODELS = {"minilm": minilm_path, "smollm2-135m": smollm2_path}
+
+
+def link_models(out: Path) -> dict[str, Path]:
+    """`out/models/<name>` links to each real model folder, so job specs can name them by path."""
+    links = {}
+    for name, where in MODELS.items():
+        link = out / "models" / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        target = where()
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target, target_is_directory=True)
+        links[name] = link
+    return links
 
 
 def prepare(out: Path, only: tuple[str, ...] = DATASETS, seed: int = 0) -> dict[str, dict[str, int]]:
@@ -189,9 +204,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("data"), help="output folder (default: data)")
     parser.add_argument("--only", nargs="+", choices=DATASETS, default=list(DATASETS), help="data sets to prepare")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/dev/test split (default: 0)")
+    parser.add_argument("--no-models", action="store_true", help="do not link the real models under OUT/models")
     args = parser.parse_args(argv)
     for name, splits in prepare(args.out, tuple(args.only), args.seed).items():
         print(f"{args.out / name}: " + ", ".join(f"{k} {v}" for k, v in splits.items()))
+    if not args.no_models:
+        for link in link_models(args.out).values():
+            print(f"{link} -> {link.resolve()}")
 
 
 if __name__ == "__main__":

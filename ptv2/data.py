@@ -97,7 +97,9 @@ def collate(features: Sequence[dict], pad_id: int, side: str = "right") -> dict[
 
 
 def _read_table(path: Path, fmt: str):
-    from datasets import Dataset
+    from datasets import Dataset, disable_progress_bars
+
+    disable_progress_bars()
 
     if not path.is_file():
         raise DataError(f"{path}: no such data file")

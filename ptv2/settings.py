@@ -7,6 +7,7 @@ errors everywhere: a typo must not pass silently.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -112,7 +113,7 @@ class TrainJob(_Strict):
             if p is None:
                 return None
             path = Path(p).expanduser()
-            return str(path if path.is_absolute() else (base / path).resolve())
+            return os.path.abspath(path if path.is_absolute() else base / path)  # keep symlinks as named
 
         data = self.data.model_copy(
             update={"train_file": fix(self.data.train_file), "validation_file": fix(self.data.validation_file)}

@@ -40,7 +40,7 @@ def test_every_shipped_config_is_filled_from_the_job(name):
 
 def test_overrides_merge_but_cannot_duplicate_job_values():
     cfg = dsconfig.build(
-        _job(deepspeed={"config": "zero3.json", "overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}}),
+        _job(deepspeed={"overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}}),
         1,
         "float32",
     )
@@ -80,8 +80,12 @@ def test_tagging_labels_only_first_subtokens_and_classification_maps_labels(tmp_
 
 def test_bad_rows_are_reported_with_file_and_row(tmp_path):
     tok = tiny_tokenizer()
-    rows = [{"text": "w1", "label": "pos"}, {"text": "", "label": "pos"}, {"text": "w2", "label": "maybe"},
-            {"text": "w3", "label": None}]
+    rows = [
+        {"text": "w1", "label": "pos"},
+        {"text": "", "label": "pos"},
+        {"text": "w2", "label": "maybe"},
+        {"text": "w3", "label": None},
+    ]
     f = _write(tmp_path / "bad.jsonl", rows)
     with pytest.raises(DataError) as e:
         load_examples(f, DataSettings(train_file=str(f)), "seq-cls", ["neg", "pos"], tok)
@@ -91,8 +95,9 @@ def test_bad_rows_are_reported_with_file_and_row(tmp_path):
     assert f"{f}:row 3: unknown label 'maybe'" in msg
     assert f"{f}:row 4: missing label" in msg
     with pytest.raises(DataError, match=r"missing column\(s\) label"):
-        load_examples(_write(tmp_path / "x.jsonl", [{"text": "w1"}]), DataSettings(train_file="x"), "seq-cls",
-                      ["a", "b"], tok)
+        load_examples(
+            _write(tmp_path / "x.jsonl", [{"text": "w1"}]), DataSettings(train_file="x"), "seq-cls", ["a", "b"], tok
+        )
     with pytest.raises(DataError, match="no such data file"):
         load_examples(tmp_path / "nope.jsonl", DataSettings(train_file="x"), "seq-cls", ["a", "b"], tok)
     f = _write(tmp_path / "n.jsonl", [{"tokens": ["w1", "w2"], "tags": ["O"]}])
@@ -101,8 +106,13 @@ def test_bad_rows_are_reported_with_file_and_row(tmp_path):
 
 
 def test_collate_pads_dynamically():
-    b = collate([{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": 1},
-                 {"input_ids": [5], "attention_mask": [1], "labels": 0}], pad_id=0)
+    b = collate(
+        [
+            {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": 1},
+            {"input_ids": [5], "attention_mask": [1], "labels": 0},
+        ],
+        pad_id=0,
+    )
     assert b["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert b["labels"].tolist() == [1, 0]
@@ -112,7 +122,11 @@ def test_collate_pads_dynamically():
 
 def test_entity_spans():
     assert entity_spans(["B-per", "I-per", "O", "B-loc", "B-loc", "I-org"]) == {
-        ("per", 0, 2), ("loc", 3, 4), ("loc", 4, 5), ("org", 5, 6)}
+        ("per", 0, 2),
+        ("loc", 3, 4),
+        ("loc", 4, 5),
+        ("org", 5, 6),
+    }
     assert entity_spans(["O", "O"]) == set()
 
 

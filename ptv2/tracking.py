@@ -1,0 +1,133 @@
+"""MLflow tracking: the only module of ptv2 that imports MLflow.
+
+The driver owns the run (creates it, ends it); rank 0 of the workers attaches to it by id and
+logs step and eval metrics and the prompt artifacts through the training loop's callbacks. The
+embedded default store is SQLite plus an artifact folder under $PTV2_HOME (default ~/.ptv2).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from ptv2.callbacks import Callback
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+def home() -> Path:
+    return Path(os.environ.get("PTV2_HOME", Path.home() / ".ptv2")).expanduser().resolve()
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{home() / 'mlflow' / 'mlflow.db'}"
+
+
+def resolve_uri(uri: str | None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def client(uri: str | None = None):
+    from mlflow import MlflowClient
+
+    uri = resolve_uri(uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(c, name: str) -> str:
+    """Get or create; a local store gets an explicit artifact location (never ./mlruns)."""
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if c.tracking_uri.startswith("sqlite:///"):
+        location = (home() / "mlflow" / "artifacts" / name).as_uri()
+    return c.create_experiment(name, artifact_location=location)
+
+
+def flatten(d: Mapping, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = str(v)[:6000]
+    return out
+
+
+def start_run(
+    uri: str | None,
+    experiment: str,
+    run_name: str,
+    params: Mapping,
+    tags: Mapping[str, str],
+    spec_text: str | None = None,
+) -> str:
+    from mlflow.entities import Param, RunTag
+
+    c = client(uri)
+    run = c.create_run(experiment_id(c, experiment), run_name=run_name, tags=dict(tags))
+    items = [Param(k, v) for k, v in sorted(flatten(params).items())]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        c.log_batch(run.info.run_id, params=items[i : i + 100], tags=[RunTag("ptv2.status", "running")])
+    if spec_text is not None:
+        c.log_text(run.info.run_id, spec_text, "spec.yaml")
+    return run.info.run_id
+
+
+def latest_metrics(uri: str | None, run_id: str, prefix: str = "") -> dict[str, float]:
+    """The latest value of each metric under `prefix`, prefix removed."""
+    data = client(uri).get_run(run_id).data.metrics
+    return {k.removeprefix(prefix): v for k, v in data.items() if k.startswith(prefix)}
+
+
+def end_run(uri: str | None, run_id: str, status: str, metrics: Mapping[str, float] | None = None) -> None:
+    c = client(uri)
+    for k, v in (metrics or {}).items():
+        c.log_metric(run_id, f"final/{k}", float(v))
+    c.set_tag(run_id, "ptv2.status", status.lower())
+    c.set_terminated(run_id, status=status)
+
+
+class MlflowCallback(Callback):
+    """Rank 0 logs step and eval metrics and the prompt artifacts to the driver's run."""
+
+    def __init__(self, uri: str | None, run_id: str) -> None:
+        self.uri, self.run_id = resolve_uri(uri), run_id
+        self._client = None
+
+    @property
+    def c(self):
+        if self._client is None:
+            self._client = client(self.uri)
+        return self._client
+
+    def _log(self, step: int, metrics: Mapping[str, float], prefix: str) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(f"{prefix}{k}", float(v), now, step) for k, v in metrics.items() if k != "total_steps"]
+        self.c.log_batch(self.run_id, metrics=batch)
+
+    def on_step(self, rank, step, metrics):
+        if rank == 0:
+            self._log(step, metrics, "train/")
+
+    def on_eval(self, rank, step, metrics):
+        if rank == 0:
+            self._log(step, metrics, "eval/")
+
+    def on_artifact(self, rank, step, path, kind):
+        if rank == 0:
+            self.c.log_artifacts(self.run_id, str(path), artifact_path="prompt" if kind == "final" else kind)
+            self.c.set_tag(self.run_id, f"ptv2.{kind}_step", str(step))
+
+    def on_checkpoint(self, rank, step, path):
+        if rank == 0:
+            self.c.set_tag(self.run_id, "ptv2.last_checkpoint", f"{step}: {path}")
