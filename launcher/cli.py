@@ -76,11 +76,21 @@ def run(spec: Path = SpecArg) -> None:
 
 
 # ---- Ray Jobs API ------------------------------------------------------------------------------
+def _auth_headers() -> dict[str, str]:
+    """Ray 2.60 clusters use token authentication by default; the token is taken from
+    $RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (where `ray start` keeps it)."""
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token")).expanduser()
+    if not token and path.is_file():
+        token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _client(address: str):
     from ray.job_submission import JobSubmissionClient
 
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(address, headers=_auth_headers())
     except Exception as e:  # connection refused, 401 without a token, bad URL
         fail(f"cannot reach the Ray Jobs API at {address}: {str(e).splitlines()[0][:300]}", code=1)
 
@@ -113,13 +123,13 @@ def submit(
 ) -> None:
     """Submit SPEC to a Ray cluster through the Ray Jobs API (ships the spec and its data)."""
     s = _spec(spec)
-    from launcher.runner import new_job_id
+    from launcher.runner import new_job_id, worker_env
 
     client = _client(address)
     job_id = new_job_id(s.name)
     with tempfile.TemporaryDirectory(prefix="ptv2-submit-") as tmp:
         name = package(spec, Path(tmp))
-        env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "PTV2_HOME", "PTV2_TEST_FAIL_AT_STEP") if k in os.environ}
+        env = worker_env(s)
         client.submit_job(
             entrypoint=f"python -m launcher.runner {name} --job-id {job_id}",
             submission_id=job_id,

@@ -46,6 +46,15 @@ class RunSummary:
     artifact: str | None = None
 
 
+def worker_env(spec: JobSpec) -> dict[str, str]:
+    """Environment variables for the driver and workers of a job."""
+    env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, int(spec.resources.cpus_per_worker))))
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # else every worker print() appears twice
+    return env
+
+
 def new_job_id(name: str) -> str:
     return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
@@ -96,21 +105,21 @@ def run_spec(spec: JobSpec, spec_text: str, address: str | None = None, job_id: 
     run_id = tracking.start_run(uri, spec.tracking.experiment, job_id, spec.model_dump(mode="json"), tags, spec_text)
     print(f"[ptv2] job {job_id}: MLflow run {run_id} at {uri}", flush=True)
     res = spec.resources
-    env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
-    env.setdefault("OMP_NUM_THREADS", str(max(1, int(res.cpus_per_worker))))
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # report() latency 2 s -> 0.2 s
     started_here = False
     try:
         if not ray.is_initialized():
             if address is None:
+                # the dashboard (bound to 127.0.0.1) serves the State API Ray Train's cleaner polls
                 ray.init(
                     num_cpus=max(2, int(res.workers * res.cpus_per_worker)),
-                    include_dashboard=False,
-                    runtime_env={"env_vars": env},
+                    include_dashboard=True,
+                    dashboard_host="127.0.0.1",
+                    runtime_env={"env_vars": worker_env(spec)},
                     configure_logging=False,
                 )
-            else:
-                ray.init(address=address, runtime_env={"env_vars": env})
+            else:  # a submitted job: `ptv2 submit` put worker_env() in the job's runtime env
+                ray.init(address=address)
             started_here = True
         trainer = TorchTrainer(
             worker_loop,

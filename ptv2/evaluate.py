@@ -92,7 +92,7 @@ def evaluate(
                 sums[5] += len(p)
                 sums[6] += len(g)
     s = all_sum(sums.tolist(), device)
-    out = {"loss": s[0] / max(s[1], 1), "accuracy": s[2] / max(s[3], 1), "examples": float(len(examples))}
+    out = {"loss": s[0] / max(s[1], 1), "accuracy": s[2] / max(s[3], 1)}
     if task == "seq-cls":
         f1s = []
         for c in range(n_labels):

@@ -1,0 +1,206 @@
+"""Malformed and hostile job specs: each is refused with exit code 2 and one line naming the
+field, before anything is submitted or recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from launcher.cli import app
+from tests.tiny import save_tiny, write_task_data
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("specs")
+    save_tiny(d / "model", "bert", "seq-cls", ["even", "odd"])
+    write_task_data(d / "train.jsonl", "seq-cls", n=16)
+    write_task_data(d / "dev.jsonl", "seq-cls", n=8, seed=1)
+    (d / "other.jsonl").write_text(json.dumps({"text": "w1 w2", "label": "maybe"}) + "\n")
+    (d / "remote").mkdir()
+    cfg = json.loads((d / "model" / "config.json").read_text())
+    (d / "remote" / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModel": "modeling_x.XModel"}}))
+    (d / "noconfig").mkdir()
+    (d / "opt").mkdir()
+    (d / "opt" / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "opt",
+                "hidden_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "vocab_size": 64,
+                "ffn_dim": 32,
+            }
+        )
+    )
+    return d
+
+
+def good() -> dict:
+    return {
+        "name": "tiny-job",
+        "model": {"name_or_path": "model", "task": "seq-cls", "labels": ["even", "odd"]},
+        "prompt": {"method": "ptv2", "length": 4},
+        "data": {"train_file": "train.jsonl", "validation_file": "dev.jsonl", "max_length": 32},
+        "train": {"max_steps": 4, "lr": 0.01, "micro_batch_size": 4},
+        "deepspeed": {"config": "zero3.json"},
+        "resources": {"workers": 2},
+    }
+
+
+def with_(path: str, value):
+    spec = good()
+    *parents, last = path.split(".")
+    node = spec
+    for p in parents:
+        node = node.setdefault(p, {})
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return yaml.safe_dump(spec)
+
+
+DELETE = object()
+CASES = [
+    ("empty", "", "the spec is empty"),
+    ("comment-only", "# nothing\n", "the spec is empty"),
+    ("list", "- a\n- b\n", "must be a mapping"),
+    ("scalar", "hello\n", "must be a mapping"),
+    (
+        "python-tag",
+        "name: !!python/object/apply:os.system ['touch pwned']\n",
+        "is not allowed (specs never execute code)",
+    ),
+    ("python-name-tag", "model: !!python/name:os.system\n", "is not allowed"),
+    ("bad-yaml", "name: [unclosed\n", "invalid YAML"),
+    ("no-model", with_("model", DELETE), "model: Field required"),
+    ("no-data", with_("data", DELETE), "data: Field required"),
+    ("no-name", with_("name", DELETE), "name: Field required"),
+    ("typo-section", yaml.safe_dump({**good(), "trian": {"lr": 1}}), "trian: unknown key"),
+    ("typo-key", with_("model.lables", ["a", "b"]), "model.lables: unknown key"),
+    ("typo-prompt", with_("prompt.lenght", 8), "prompt.lenght: unknown key"),
+    ("lr-string", with_("train.lr", "fast"), "train.lr: Input should be a valid number"),
+    ("lr-negative", with_("train.lr", -1), "train.lr: Input should be greater than 0 (got -1)"),
+    (
+        "batch-zero",
+        with_("train.micro_batch_size", 0),
+        "train.micro_batch_size: Input should be greater than or equal to 1",
+    ),
+    ("epochs-negative", with_("train.epochs", -2), "train.epochs"),
+    ("steps-absurd", with_("train.max_steps", 10**12), "train.max_steps: Input should be less than or equal to"),
+    ("accum-absurd", with_("train.gradient_accumulation", 10**9), "train.gradient_accumulation"),
+    ("length-negative", with_("prompt.length", -1), "prompt.length"),
+    ("method-unknown", with_("prompt.method", "lora"), "prompt.method"),
+    ("dropout", with_("prompt.dropout", 2), "prompt.dropout"),
+    ("projection-zero", with_("prompt.projection", 0), "prompt.projection"),
+    ("task-unknown", with_("model.task", "summarize"), "model.task"),
+    ("labels-missing", with_("model.labels", DELETE), "model: task seq-cls needs at least 2 labels"),
+    ("labels-duplicate", with_("model.labels", ["a", "a"]), "labels must be unique"),
+    (
+        "labels-for-lm",
+        yaml.safe_dump({**good(), "model": {"name_or_path": "model", "task": "causal-lm", "labels": ["a", "b"]}}),
+        "labels are only for seq-cls and token-cls",
+    ),
+    ("train-file-missing", with_("data.train_file", "nope.jsonl"), "data.train_file:"),
+    ("validation-missing", with_("data.validation_file", "gone.jsonl"), "data.validation_file:"),
+    ("model-missing", with_("model.name_or_path", "./no-such-model"), "model.name_or_path:"),
+    ("model-no-config", with_("model.name_or_path", "noconfig"), "has no config.json"),
+    ("model-unsupported", with_("model.name_or_path", "opt"), "model type 'opt' is not supported"),
+    (
+        "prompt-too-long",
+        with_("prompt.length", 120),
+        "prompt.length: 120 prompt positions + data.max_length 32 = 152 exceed the 128",
+    ),
+    ("label-mismatch", with_("data.validation_file", "other.jsonl"), "model.labels:"),
+    ("remote-code", with_("model.name_or_path", "remote"), "model.trust_remote_code:"),
+    ("workers-zero", with_("resources.workers", 0), "resources.workers"),
+    ("gpus-negative", with_("resources.gpus_per_worker", -1), "resources.gpus_per_worker"),
+    ("ds-unknown", with_("deepspeed.config", "zero9.json"), "deepspeed.config 'zero9.json' is neither a file"),
+    (
+        "ds-override-job-key",
+        with_("deepspeed.overrides", {"gradient_accumulation_steps": 4}),
+        "deepspeed.overrides.gradient_accumulation_steps is set from the job",
+    ),
+    ("name-bad", with_("name", "my job; rm -rf /"), "name: String should match pattern"),
+    ("tracking-uri", with_("tracking.tracking_uri", "ftp://x"), "tracking.tracking_uri"),
+    ("max-length-small", with_("data.max_length", 0), "data.max_length"),
+    ("format-unknown", with_("data.format", "xml"), "data.format"),
+    ("template-no-slot", with_("data.prompt_template", "Question:"), "prompt_template must contain {prompt}"),
+    ("section-not-mapping", with_("train", [1, 2]), "train: Input should be a valid dictionary"),
+]
+
+
+def test_at_least_thirty_cases():
+    assert len(CASES) >= 30
+
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("name,text,expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_spec_is_refused_with_one_line_naming_the_field(folder, name, text, expected):
+    path = folder / f"{name}.yaml"
+    path.write_text(text)
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith(f"error: {path}:"), lines[0]
+    assert expected in lines[0], lines[0]
+    assert not (folder / "pwned").exists()
+
+
+def test_good_spec_validates_and_paths_resolve_against_its_folder(folder):
+    path = folder / "good.yaml"
+    path.write_text(yaml.safe_dump(good()))
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    from launcher.spec import load_spec
+
+    spec = load_spec(path)
+    assert spec.data.train_file == str(folder / "train.jsonl")
+    assert spec.model.name_or_path == str(folder / "model")
+
+
+def test_missing_spec_file(tmp_path):
+    result = runner.invoke(app, ["validate", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2 and "no such spec file" in result.output
+
+
+def test_schema_is_json_schema_of_every_section():
+    result = runner.invoke(app, ["schema"])
+    schema = json.loads(result.output)
+    assert {"name", "model", "prompt", "data", "train", "deepspeed", "resources", "tracking"} <= set(
+        schema["properties"]
+    )
+    assert schema["additionalProperties"] is False
+
+
+@pytest.mark.parametrize("command", [["run"], ["submit", "--address", "http://127.0.0.1:9"]])
+def test_bad_spec_creates_no_run_and_submits_nothing(folder, tmp_path, command):
+    """A real process: exit code 2, and $PTV2_HOME (MLflow store, runs) stays empty."""
+    path = folder / "bad-run.yaml"
+    path.write_text(with_("train.lr", -1))
+    home = tmp_path / "home"
+    env = {**os.environ, "PTV2_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *command, str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "train.lr" in proc.stderr
+    assert not home.exists()
