@@ -35,7 +35,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 demo: setup data
-	$(BIN)/python -m ptv2.demo --data data
+	$(BIN)/ptv2 run jobs/quickstart.yaml
 
 lint: setup
 	$(BIN)/ruff check .

@@ -204,3 +204,15 @@ def test_bad_spec_creates_no_run_and_submits_nothing(folder, tmp_path, command):
     assert proc.returncode == 2, proc.stderr
     assert "train.lr" in proc.stderr
     assert not home.exists()
+
+
+@pytest.mark.parametrize("job", sorted((ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_job_specs_are_valid(job):
+    """Schema and DeepSpeed config of every shipped job; files too where the data is prepared
+    (the multi-GPU job names a cluster path)."""
+    from launcher.spec import load_spec
+
+    spec = load_spec(job, check_files=False)
+    assert spec.name and spec.resources.workers >= 1
+    if (ROOT / "data" / "polarity").is_dir() and not spec.model.name_or_path.startswith("/shared/"):
+        load_spec(job)
