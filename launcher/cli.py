@@ -194,6 +194,180 @@ def jobs(address: str = AddressOpt) -> None:
         typer.echo("no jobs")
 
 
+# ---- prompts: runs, fetch, registry, inference, UI -----------------------------------------------
+UriOpt = typer.Option(
+    None, "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the local store)"
+)
+
+
+def _prompts_call(fn, *args, **kwargs):
+    from launcher.prompts import FetchError
+
+    try:
+        return fn(*args, **kwargs)
+    except (FetchError, ValueError) as e:
+        fail(str(e), code=1)
+
+
+@app.command()
+def runs(
+    experiment: str = typer.Option(None, "--experiment", "-e", help="only this experiment"),
+    sort: str = typer.Option(None, "--sort", help="sort by this metric, e.g. eval/accuracy (highest first)"),
+    limit: int = typer.Option(50, help="at most this many runs"),
+    tracking_uri: str = UriOpt,
+) -> None:
+    """A table of runs with key params and metrics."""
+    from launcher.prompts import runs_table
+
+    rows = _prompts_call(runs_table, tracking_uri, experiment, sort, limit)
+    if not rows:
+        typer.echo("no runs")
+        return
+    metric_keys = sorted({k for r in rows for k in r if k.startswith("eval/")})
+    cols = ["run_id", "name", "status", "model", "task", "method", "length", "lr", *metric_keys]
+    table = [[str(r.get(c, "")) if not isinstance(r.get(c), float) else f"{r[c]:.4f}" for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in table)) for i, c in enumerate(cols)]
+    typer.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for row in table:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+@app.command()
+def fetch(
+    source: str = typer.Argument(..., help="RUN_ID, runs:/RUN/PATH, models:/NAME/VERSION or models:/NAME@ALIAS"),
+    out: Path = typer.Option(..., "--out", help="folder to write the verified prompt into"),
+    force: bool = typer.Option(False, "--force", help="replace a non-empty --out folder"),
+    tracking_uri: str = UriOpt,
+) -> None:
+    """Download a prompt, verify every checksum, and place it in --out (nothing half-written)."""
+    from launcher.prompts import fetch as do_fetch
+
+    manifest = _prompts_call(do_fetch, tracking_uri, source, out, force)
+    p = manifest["prompt"]
+    typer.echo(
+        f"{out}: verified {p['method']} prompt (length {p['length']}, task {manifest['task']}) "
+        f"for {manifest['base_model']['name_or_path']}"
+    )
+
+
+@app.command()
+def register(run_id: str, name: str, tracking_uri: str = UriOpt) -> None:
+    """Register a run's prompt as a new version of NAME in the MLflow Model Registry."""
+    from launcher.prompts import register as do_register
+
+    version = _prompts_call(do_register, tracking_uri, run_id, name)
+    typer.echo(f"models:/{name}/{version}")
+
+
+@app.command()
+def promote(
+    name: str,
+    version: str,
+    alias: str = typer.Option(..., "--alias", help="e.g. production"),
+    tracking_uri: str = UriOpt,
+) -> None:
+    """Point ALIAS of registered prompt NAME at VERSION (then fetch models:/NAME@ALIAS)."""
+    from launcher.prompts import promote as do_promote
+
+    _prompts_call(do_promote, tracking_uri, name, version, alias)
+    typer.echo(f"models:/{name}@{alias} -> version {version}")
+
+
+def _inputs(texts: list[str] | None, file: Path | None) -> list[str]:
+    if file is not None:
+        if not file.is_file():
+            fail(f"--file {file} does not exist")
+        lines = file.read_text(encoding="utf-8").splitlines()
+    elif texts:
+        lines = texts
+    else:
+        lines = sys.stdin.read().splitlines()
+    lines = [x for x in lines if x.strip()]
+    if not lines:
+        fail("no input text (give TEXT arguments, --file, or lines on stdin)")
+    return lines
+
+
+def _load(prompt: Path, model: str | None):
+    from transformers import AutoTokenizer
+
+    from ptv2.artifact import ArtifactError, load_prompt, read_manifest
+    from ptv2.model import load_base_model
+
+    try:
+        manifest = read_manifest(prompt)
+        path = model or manifest["base_model"]["name_or_path"]
+        base, _ = load_base_model(path, manifest["task"], manifest.get("labels"))
+        return load_prompt(prompt, base).eval(), AutoTokenizer.from_pretrained(path)
+    except (ArtifactError, OSError, ValueError) as e:
+        fail(str(e).splitlines()[0], code=1)
+
+
+PromptOpt = typer.Option(..., "--prompt", help="a prompt folder (from training or ptv2 fetch)")
+ModelOpt = typer.Option(None, "--model", help="base model path (default: the one in the prompt's manifest)")
+
+
+@app.command()
+def predict(
+    texts: list[str] = typer.Argument(None, help="texts to classify (or words to tag, space-separated)"),
+    prompt: Path = PromptOpt,
+    model: str = ModelOpt,
+    file: Path = typer.Option(None, "--file", help="one input per line"),
+) -> None:
+    """Classify (or tag) texts with a prompt; checks the base model's fingerprint first. JSON lines out."""
+    from ptv2.infer import predict as do_predict
+
+    m, tok = _load(prompt, model)
+    for row in do_predict(m, tok, _inputs(texts, file)):
+        typer.echo(json.dumps(row))
+
+
+@app.command()
+def generate(
+    texts: list[str] = typer.Argument(None, help="prompts to continue"),
+    prompt: Path = PromptOpt,
+    model: str = ModelOpt,
+    file: Path = typer.Option(None, "--file", help="one input per line"),
+    max_new_tokens: int = typer.Option(48, help="tokens to generate per input"),
+) -> None:
+    """Continue texts with a causal-LM prompt (greedy); checks the base model's fingerprint first."""
+    from ptv2.infer import generate as do_generate
+
+    m, tok = _load(prompt, model)
+    inputs = _inputs(texts, file)
+    for text, answer in zip(inputs, do_generate(m, tok, inputs, max_new_tokens=max_new_tokens), strict=True):
+        typer.echo(json.dumps({"input": text, "output": answer}))
+
+
+@app.command("export-peft")
+def export_peft(
+    prompt: Path = typer.Argument(..., help="a prompt folder"),
+    out: Path = typer.Option(..., "--out", help="where the PEFT adapter folder goes"),
+    force: bool = typer.Option(False, "--force"),
+) -> None:
+    """Write a PEFT prefix-tuning adapter (PeftModel.from_pretrained loads it) for a causal-LM prompt."""
+    from ptv2.artifact import ArtifactError
+    from ptv2.peft_export import export_peft as do_export
+
+    try:
+        path = do_export(prompt, out, overwrite=force)
+    except ArtifactError as e:
+        fail(str(e), code=1)
+    typer.echo(f"{path}: PEFT prefix-tuning adapter")
+
+
+@app.command()
+def ui(
+    host: str = typer.Option("127.0.0.1", help="bind address (127.0.0.1 unless you mean to expose it)"),
+    port: int = typer.Option(5000),
+    tracking_uri: str = UriOpt,
+) -> None:
+    """Serve the MLflow UI over the local store (a lean server: 1 worker, no job runner)."""
+    from launcher.prompts import serve_ui
+
+    raise typer.Exit(_prompts_call(serve_ui, tracking_uri, host, port))
+
+
 def main() -> None:
     app()
 

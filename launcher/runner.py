@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import os
 import secrets
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,20 @@ class RunSummary:
     tracking_uri: str
     metrics: dict[str, float] = field(default_factory=dict)
     artifact: str | None = None
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def worker_env(spec: JobSpec) -> dict[str, str]:
@@ -102,6 +117,9 @@ def run_spec(spec: JobSpec, spec_text: str, address: str | None = None, job_id: 
     tags = {"ptv2.job_id": job_id, "ptv2.output_dir": output_dir, **_versions()}
     if address is not None:
         tags["ray.job_id"] = job_id
+    commit = _git_commit()
+    if commit:
+        tags["git.commit"] = commit
     run_id = tracking.start_run(uri, spec.tracking.experiment, job_id, spec.model_dump(mode="json"), tags, spec_text)
     print(f"[ptv2] job {job_id}: MLflow run {run_id} at {uri}", flush=True)
     res = spec.resources
@@ -145,6 +163,11 @@ def run_spec(spec: JobSpec, spec_text: str, address: str | None = None, job_id: 
         trainer.fit()
         # Ray's Result.metrics is empty without a reported checkpoint: the run holds the truth
         metrics = tracking.latest_metrics(uri, run_id, prefix="eval/")
+        if spec.tracking.register_as:
+            from launcher.prompts import register
+
+            version = register(uri, run_id, spec.tracking.register_as)
+            print(f"[ptv2] registered models:/{spec.tracking.register_as}/{version}", flush=True)
         tracking.end_run(uri, run_id, "FINISHED", metrics)
     except BaseException:
         tracking.end_run(uri, run_id, "FAILED")

@@ -16,6 +16,7 @@ from ptv2.callbacks import Callback
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def home() -> Path:
@@ -114,6 +115,19 @@ class MlflowCallback(Callback):
         now = int(time.time() * 1000)
         batch = [Metric(f"{prefix}{k}", float(v), now, step) for k, v in metrics.items() if k != "total_steps"]
         self.c.log_batch(self.run_id, metrics=batch)
+
+    def on_train_start(self, rank, info):
+        if rank == 0:
+            for key in (
+                "base_weights_sha256",
+                "trainable_params",
+                "trainable_share_pct",
+                "zero_stage",
+                "dtype",
+                "device",
+            ):
+                if key in info:
+                    self.c.set_tag(self.run_id, f"ptv2.{key}", str(info[key]))
 
     def on_step(self, rank, step, metrics):
         if rank == 0:

@@ -184,6 +184,7 @@ def train(job: TrainJob, callbacks: Sequence[Callback] | None = None, d: Dist | 
         "trainable_share_pct": round(100 * n_trainable / max(n_base, 1), 4),
         "train_examples": len(train_ex),
         "steps": total,
+        "base_weights_sha256": (base_fp or {}).get("weights_sha256", "")[:16],
     }
     for cb in callbacks:
         cb.on_train_start(d.rank, info)

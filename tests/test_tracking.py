@@ -1,0 +1,254 @@
+"""MLflow end to end against a real `mlflow server` on 127.0.0.1: a tiny job logs to it, runs
+are listed, prompts fetched by run id and by registry alias verify, tampering is refused, the
+REST API serves the loss curve, and the run page renders (headless Chromium, where installed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ptv2.artifact import FOLDED, RAW, sha256_file
+from tests.tiny import save_tiny, write_task_data
+
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{d}/db.sqlite",
+            "--artifacts-destination",
+            str(d / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start")
+    yield url, d
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _ptv2(args, cwd: Path, home: Path, timeout=600):
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        "PTV2_HOME": str(home),
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "RAY_TMPDIR": "/tmp/ptv2rt",
+    }
+    Path("/tmp/ptv2rt").mkdir(exist_ok=True)
+    return subprocess.run([str(BIN / "ptv2"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def trained(server, tmp_path_factory):
+    url, _ = server
+    d = tmp_path_factory.mktemp("job")
+    save_tiny(d / "model", "bert", "seq-cls", ["even", "odd"])
+    write_task_data(d / "train.jsonl", "seq-cls", n=64)
+    write_task_data(d / "dev.jsonl", "seq-cls", n=24, seed=1)
+    spec = {
+        "name": "tracked",
+        "model": {"name_or_path": "model", "task": "seq-cls", "labels": ["even", "odd"]},
+        "prompt": {"length": 4},
+        "data": {"train_file": "train.jsonl", "validation_file": "dev.jsonl", "max_length": 32},
+        "train": {"max_steps": 8, "lr": 0.05, "micro_batch_size": 8, "log_every": 1, "eval_every": 4},
+        "resources": {"workers": 2},
+        "tracking": {"experiment": "tracked", "tracking_uri": url, "register_as": "tiny-prompt"},
+    }
+    (d / "job.yaml").write_text(yaml.safe_dump(spec))
+    proc = _ptv2(["run", "job.yaml"], d, d / "home")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    run_id = next(line.split()[-1] for line in proc.stdout.splitlines() if line.startswith("run id:"))
+    out_dir = next(line.split()[-1] for line in proc.stdout.splitlines() if line.startswith("prompt:"))
+    assert "registered models:/tiny-prompt/1" in proc.stdout
+    return d, url, run_id, Path(out_dir)
+
+
+def _sums(folder: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
+
+
+def test_runs_lists_the_run_with_params_and_metrics(trained):
+    d, url, run_id, _ = trained
+    proc = _ptv2(["runs", "--tracking-uri", url, "--sort", "eval/accuracy"], d, d / "home")
+    assert proc.returncode == 0, proc.stderr
+    header, row = proc.stdout.splitlines()[:2]
+    assert "eval/accuracy" in header and "eval/macro_f1" in header
+    assert row.startswith(run_id) and "seq-cls" in row and "ptv2" in row
+
+
+def test_fetch_by_run_id_and_by_alias_verifies_checksums(trained, tmp_path):
+    d, url, run_id, trained_prompt = trained
+    proc = _ptv2(["fetch", run_id, "--out", str(tmp_path / "a"), "--tracking-uri", url], d, d / "home")
+    assert proc.returncode == 0, proc.stderr
+    assert _sums(tmp_path / "a") == _sums(trained_prompt)
+    assert (
+        _ptv2(["promote", "tiny-prompt", "1", "--alias", "prod", "--tracking-uri", url], d, d / "home").returncode == 0
+    )
+    proc = _ptv2(
+        ["fetch", "models:/tiny-prompt@prod", "--out", str(tmp_path / "b"), "--tracking-uri", url], d, d / "home"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert _sums(tmp_path / "b") == _sums(trained_prompt)
+    # a second fetch into the same folder needs --force
+    again = _ptv2(["fetch", run_id, "--out", str(tmp_path / "a"), "--tracking-uri", url], d, d / "home")
+    assert again.returncode == 1 and "use --force" in again.stderr
+
+
+def _server_file(server_dir: Path, run_id: str, name: str) -> Path:
+    return next(p for p in (server_dir / "artifacts").rglob(name) if run_id in str(p) and "/prompt/" in str(p))
+
+
+@pytest.mark.parametrize("damage", ["tamper", "truncate"])
+def test_damaged_artifact_is_refused_and_nothing_left(trained, server, tmp_path, damage):
+    d, url, run_id, _ = trained
+    victim = _server_file(server[1], run_id, FOLDED if damage == "tamper" else RAW)
+    original = victim.read_bytes()
+    try:
+        if damage == "tamper":
+            data = bytearray(original)
+            data[len(data) // 2] ^= 0xFF
+            victim.write_bytes(bytes(data))
+        else:
+            victim.write_bytes(original[: len(original) // 3])
+        out = tmp_path / "out"
+        proc = _ptv2(["fetch", run_id, "--out", str(out), "--tracking-uri", url], d, d / "home")
+        assert proc.returncode == 1
+        assert "verification failed" in proc.stderr and "checksum mismatch" in proc.stderr
+        assert not out.exists()
+        assert list(tmp_path.iterdir()) == []  # no temporary folder left behind
+    finally:
+        victim.write_bytes(original)
+
+
+def test_artifact_names_escaping_the_folder_are_refused(trained, tmp_path, monkeypatch):
+    from launcher import prompts
+
+    _, url, run_id, _ = trained
+    with pytest.raises(prompts.FetchError, match="escapes the output folder"):
+        prompts.check_names(["prompt/manifest.json", "prompt/../../etc/cron.d/x"], "prompt")
+    with pytest.raises(prompts.FetchError, match="escapes"):
+        prompts.check_names(["/abs/path"], "prompt")
+    monkeypatch.setattr(prompts, "list_files", lambda c, r, p: ["prompt/manifest.json", "prompt/../evil"])
+    with pytest.raises(prompts.FetchError, match="'prompt/../evil' escapes"):
+        prompts.fetch(url, run_id, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fetched_prompt_predicts_as_at_the_end_of_training(trained, tmp_path):
+    """Predictions of the fetched prompt on the validation set reproduce the run's final
+    eval accuracy, and its logits equal those of the prompt the workers wrote."""
+    import mlflow
+    from transformers import AutoTokenizer
+
+    from launcher.prompts import fetch
+    from ptv2.artifact import load_prompt
+    from ptv2.infer import predict
+    from ptv2.model import load_base_model
+
+    d, url, run_id, trained_prompt = trained
+    fetch(url, run_id, tmp_path / "p")
+    tok = AutoTokenizer.from_pretrained(d / "model")
+    rows = [json.loads(line) for line in (d / "dev.jsonl").read_text().splitlines()]
+    fetched = load_prompt(tmp_path / "p", load_base_model(d / "model", "seq-cls", ["even", "odd"])[0])
+    preds = predict(fetched, tok, [r["text"] for r in rows])
+    accuracy = sum(p["label"] == r["label"] for p, r in zip(preds, rows, strict=True)) / len(rows)
+    logged = mlflow.MlflowClient(url).get_run(run_id).data.metrics["eval/accuracy"]
+    assert accuracy == pytest.approx(logged, abs=1e-9)
+    original = load_prompt(trained_prompt, load_base_model(d / "model", "seq-cls", ["even", "odd"])[0])
+    enc = tok([r["text"] for r in rows[:5]], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.equal(fetched.eval()(**enc).logits, original.eval()(**enc).logits)
+
+
+def test_rest_api_returns_the_loss_history(trained):
+    _, url, run_id, _ = trained
+    q = f"{url}/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key=train/loss"
+    history = json.loads(urllib.request.urlopen(q, timeout=10).read())["metrics"]
+    assert [m["step"] for m in sorted(history, key=lambda m: m["step"])] == list(range(1, 9))
+    run = json.loads(urllib.request.urlopen(f"{url}/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=10).read())
+    tags = {t["key"]: t["value"] for t in run["run"]["data"]["tags"]}
+    assert tags["ptv2.status"] == "finished" and tags["version.torch"] and tags["ptv2.base_weights_sha256"]
+    params = {p["key"] for p in run["run"]["data"]["params"]}
+    assert {"model.name_or_path", "prompt.length", "train.lr", "deepspeed.config"} <= params
+
+
+def test_run_page_screenshot(trained, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it where apt is available)")
+    _, url, run_id, _ = trained
+    from mlflow import MlflowClient
+
+    exp = MlflowClient(url).get_run(run_id).info.experiment_id
+    shot = tmp_path / "run.png"
+    subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'chrome'}",
+            "--virtual-time-budget=15000",
+            "--window-size=1400,1000",
+            f"--screenshot={shot}",
+            f"{url}/#/experiments/{exp}/runs/{run_id}/model-metrics",
+        ],
+        capture_output=True,
+        timeout=120,
+    )
+    assert shot.is_file() and shot.stat().st_size > 20_000  # a rendered page, not a blank one
+    keep = os.environ.get("PTV2_SCREENSHOT")
+    if keep:
+        shutil.copy(shot, keep)
