@@ -101,7 +101,7 @@ def package(spec_path: Path, out: Path) -> str:
     s = load_spec(spec_path)
     raw = yaml.safe_load(spec_path.read_text())
     (out / "data").mkdir(parents=True)
-    for key in ("train_file", "validation_file"):
+    for key in ("train_file", "validation_file", "test_file"):
         value = getattr(s.data, key)
         if value:
             dest = out / "data" / f"{key}{Path(value).suffix}"

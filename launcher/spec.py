@@ -157,7 +157,7 @@ def _column_values(path: Path, fmt: str, column: str) -> list:
 
 def check_data(spec: JobSpec) -> None:
     d = spec.data
-    for field in ("train_file", "validation_file"):
+    for field in ("train_file", "validation_file", "test_file"):
         value = getattr(d, field)
         if value is not None and not Path(value).is_file():
             raise SpecError(f"data.{field}: {value} does not exist")
@@ -165,7 +165,7 @@ def check_data(spec: JobSpec) -> None:
         return
     known = set(spec.model.labels or [])
     column = d.label_column if spec.model.task == "seq-cls" else d.tags_column
-    for value in filter(None, (d.train_file, d.validation_file)):
+    for value in filter(None, (d.train_file, d.validation_file, d.test_file)):
         seen = _column_values(Path(value), d.format, column)
         found = (
             {str(v) for v in seen if v is not None}

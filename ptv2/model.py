@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -24,6 +25,7 @@ from transformers import (
     DynamicCache,
     PreTrainedModel,
 )
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ptv2.prefix import (
     Geometry,
@@ -245,11 +247,28 @@ class PromptedModel(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         **kwargs,
     ):
+        if self.task == "causal-lm" and labels is not None and self.training and not kwargs:
+            return self._response_only_loss(input_ids, attention_mask, token_type_ids, labels)
         inputs = self.prepare(input_ids, attention_mask, token_type_ids, labels)
         out = self.base(**inputs, use_cache=False, **kwargs)
         if isinstance(self.prompt, PromptEmbedding) and self.task != "seq-cls":
             out.logits = out.logits[:, self.prompt_length :]  # callers see one row per token
         return out
+
+    def _response_only_loss(self, input_ids, attention_mask, token_type_ids, labels) -> CausalLMOutputWithPast:
+        """Training loss of a causal LM with the LM head applied only where a label exists.
+
+        Supervised prompts put the loss on the response alone, so projecting every prompt
+        position onto the vocabulary (the largest matrix of a small model) is wasted work; the
+        loss equals HF's (mean cross-entropy over labelled next tokens)."""
+        inputs = self.prepare(input_ids, attention_mask, token_type_ids, labels)
+        labels = inputs.pop("labels")
+        hidden = self.base.base_model(**inputs, use_cache=False).last_hidden_state
+        target = labels[:, 1:]
+        keep = target != IGNORE_INDEX
+        logits = self.base.get_output_embeddings()(hidden[:, :-1][keep])
+        loss = F.cross_entropy(logits.float(), target[keep], reduction="sum") / keep.sum().clamp(min=1)
+        return CausalLMOutputWithPast(loss=loss, logits=None)
 
     @torch.no_grad()
     def generate(

@@ -45,7 +45,8 @@ class ModelSettings(_Strict):
 
 class DataSettings(_Strict):
     train_file: str = Field(min_length=1, description="jsonl, csv or parquet file of training examples")
-    validation_file: str | None = Field(None, description="held-out examples for evaluation")
+    validation_file: str | None = Field(None, description="held-out examples for evaluation (and best-prompt choice)")
+    test_file: str | None = Field(None, description="examples evaluated once, with the final prompt")
     format: Literal["auto", "jsonl", "csv", "parquet"] = Field("auto", description="auto: from the file suffix")
     text_column: str = "text"
     text_pair_column: str | None = None
@@ -116,7 +117,11 @@ class TrainJob(_Strict):
             return os.path.abspath(path if path.is_absolute() else base / path)  # keep symlinks as named
 
         data = self.data.model_copy(
-            update={"train_file": fix(self.data.train_file), "validation_file": fix(self.data.validation_file)}
+            update={
+                "train_file": fix(self.data.train_file),
+                "validation_file": fix(self.data.validation_file),
+                "test_file": fix(self.data.test_file),
+            }
         )
         model = self.model
         local = Path(self.model.name_or_path).expanduser()

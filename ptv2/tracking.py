@@ -137,6 +137,10 @@ class MlflowCallback(Callback):
         if rank == 0:
             self._log(step, metrics, "eval/")
 
+    def on_test(self, rank, step, metrics):
+        if rank == 0:
+            self._log(step, metrics, "test/")
+
     def on_artifact(self, rank, step, path, kind):
         if rank == 0:
             self.c.log_artifacts(self.run_id, str(path), artifact_path="prompt" if kind == "final" else kind)

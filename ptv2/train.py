@@ -129,6 +129,7 @@ def train(job: TrainJob, callbacks: Sequence[Callback] | None = None, d: Dist | 
     tokenizer = AutoTokenizer.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_ex = load_examples(job.data.train_file, job.data, m.task, m.labels, tokenizer)
+    test_ex = load_examples(job.data.test_file, job.data, m.task, m.labels, tokenizer) if job.data.test_file else []
     val_ex = (
         load_examples(job.data.validation_file, job.data, m.task, m.labels, tokenizer)
         if job.data.validation_file
@@ -205,11 +206,11 @@ def train(job: TrainJob, callbacks: Sequence[Callback] | None = None, d: Dist | 
 
     primary, mode = PRIMARY_METRIC[m.task]
 
-    def run_eval() -> dict[str, float]:
+    def run_eval(examples: list[dict]) -> dict[str, float]:
         engine.eval()
         metrics = evaluate(
             lambda **b: engine(**b).logits,
-            val_ex,
+            examples,
             m.task,
             m.labels,
             t.micro_batch_size,
@@ -276,7 +277,7 @@ def train(job: TrainJob, callbacks: Sequence[Callback] | None = None, d: Dist | 
             for cb in callbacks:
                 cb.on_step(d.rank, step, step_metrics)
         if val_ex and ((t.eval_every and step % t.eval_every == 0) or step == total):
-            metrics = run_eval()
+            metrics = run_eval(val_ex)
             for cb in callbacks:
                 cb.on_eval(d.rank, step, metrics)
             value = metrics[primary]
@@ -289,6 +290,10 @@ def train(job: TrainJob, callbacks: Sequence[Callback] | None = None, d: Dist | 
             for cb in callbacks:
                 cb.on_checkpoint(d.rank, step, path)
 
+    if test_ex:
+        test_metrics = run_eval(test_ex)
+        for cb in callbacks:
+            cb.on_test(d.rank, total, test_metrics)
     artifact = None if t.train_base else write_artifact(out_dir / "prompt", "final", total, metrics)
     summary = {
         "steps": total,

@@ -123,3 +123,26 @@ def test_dropout_only_in_training():
     with torch.no_grad():
         c = model(ids).logits
     assert (c - a).abs().max() > 0
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+@pytest.mark.parametrize("method", ["ptv2", "prompt-tuning"])
+def test_response_only_training_loss_equals_the_full_logits_loss(arch, method):
+    """Training applies the LM head only at labelled positions; the loss (and its gradient) is
+    the one HF computes from every position's logits."""
+    model = PromptedModel(tiny_model(arch), PromptConfig(method=method, length=4), "causal-lm").eval()
+    ids = torch.randint(3, 96, (3, T))
+    labels = ids.clone()
+    labels[:, :4] = -100  # the prompt part
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    labels[1, 7:] = -100
+    fast = model._response_only_loss(ids, mask, None, labels).loss
+    fast.backward()
+    g_fast = [p.grad.clone() for p in model.prompt.parameters()]
+    model.zero_grad()
+    full = model(ids, attention_mask=mask, labels=labels).loss  # eval mode: HF's loss over all logits
+    full.backward()
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+    for a, p in zip(g_fast, model.prompt.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
