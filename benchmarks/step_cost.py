@@ -165,12 +165,10 @@ def worker(args) -> None:
             dist.all_reduce(bytes_all)
             n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)
             res.update(
-                step_s=statistics.median(times),
+                step_s=statistics.median(times[mode]),
                 optimizer_bytes_per_trainable_param=float(bytes_all) / n_trainable,
                 trainable_params=n_trainable,
             )
-            del engine, opt
-        del model, params
         out["modes"][mode] = res
         if d.rank == 0:
             print(f"zero3 x{d.world_size} {mode}: " + json.dumps({k: round(v, 4) for k, v in res.items()}), flush=True)
