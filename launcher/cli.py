@@ -70,6 +70,7 @@ def run(spec: Path = SpecArg) -> None:
     typer.echo(f"run id:    {summary.run_id}")
     typer.echo(f"tracking:  {summary.tracking_uri}")
     typer.echo("metrics:   " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary.metrics.items())))
+    typer.echo(f"trainable: {summary.trainable}")
     typer.echo(f"prompt:    {summary.artifact}")
     typer.echo(f"MLflow UI: ptv2 ui    (or: mlflow ui --backend-store-uri {summary.tracking_uri})")
     typer.echo(f"fetch:     ptv2 fetch {summary.run_id} --out ./prompt")

@@ -45,6 +45,7 @@ class RunSummary:
     tracking_uri: str
     metrics: dict[str, float] = field(default_factory=dict)
     artifact: str | None = None
+    trainable: str = ""
 
 
 def _git_commit() -> str | None:
@@ -176,7 +177,10 @@ def run_spec(spec: JobSpec, spec_text: str, address: str | None = None, job_id: 
         if started_here:
             ray.shutdown()
     artifact = Path(output_dir) / "prompt"
-    return RunSummary(job_id, run_id, output_dir, uri, metrics, str(artifact) if artifact.is_dir() else None)
+    tags = tracking.client(uri).get_run(run_id).data.tags
+    n, share = int(tags.get("ptv2.trainable_params", 0)), tags.get("ptv2.trainable_share_pct", "?")
+    trainable = f"{n:,} parameters ({share}% of the model)"
+    return RunSummary(job_id, run_id, output_dir, uri, metrics, str(artifact) if artifact.is_dir() else None, trainable)
 
 
 def main(argv: list[str] | None = None) -> int:

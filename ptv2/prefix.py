@@ -119,7 +119,8 @@ class _Reparameterized(nn.Module):
             self.mlp = None
 
     def rows(self) -> torch.Tensor:
-        x = self.embedding(self.positions)
+        # under ZeRO-3 the buffer may stay on CPU while the (partitioned) weight lives on the GPU
+        x = self.embedding(self.positions.to(self.embedding.weight.device))
         return self.mlp(x) if self.mlp is not None else x
 
 
