@@ -248,7 +248,7 @@ def test_run_page_screenshot(trained, tmp_path):
         capture_output=True,
         timeout=120,
     )
-    assert shot.is_file() and shot.stat().st_size > 20_000  # a rendered page, not a blank one
+    assert shot.is_file() and shot.stat().st_size > 60_000  # charts drawn, not a blank page or spinners
     keep = os.environ.get("PTV2_SCREENSHOT")
     if keep:
         shutil.copy(shot, keep)
