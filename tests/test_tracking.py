@@ -240,7 +240,8 @@ def test_run_page_screenshot(trained, tmp_path):
             "--disable-sync",
             "--no-first-run",
             f"--user-data-dir={tmp_path / 'chrome'}",
-            "--virtual-time-budget=15000",
+            "--run-all-compositor-stages-before-draw",  # else the charts are still spinners
+            "--virtual-time-budget=120000",
             "--window-size=1400,1000",
             f"--screenshot={shot}",
             f"{url}/#/experiments/{exp}/runs/{run_id}/model-metrics",
