@@ -198,46 +198,34 @@ class PromptedModel(nn.Module):
         batch, _ = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        extra = {k: v for k, v in (("token_type_ids", token_type_ids), ("labels", labels)) if v is not None}
         if self.prompt is None:
-            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-            if token_type_ids is not None:
-                kwargs["token_type_ids"] = token_type_ids
-            if labels is not None:
-                kwargs["labels"] = labels
-            return kwargs
+            return {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
         P = self.prompt_length
-        ones = attention_mask.new_ones(batch, P)
-        full_mask = torch.cat([ones, attention_mask], dim=1)
+        full_mask = torch.cat([attention_mask.new_ones(batch, P), attention_mask], dim=1)
         if isinstance(self.prompt, PrefixEncoder):
-            kwargs = {
+            return {
                 "input_ids": input_ids,
                 "attention_mask": full_mask,
                 "position_ids": self._positions(attention_mask),
                 self.cache_kwarg: self.prefix_cache(batch),
+                **extra,
             }
-            if token_type_ids is not None:
-                kwargs["token_type_ids"] = token_type_ids
-            if labels is not None:
-                kwargs["labels"] = labels
-            return kwargs
-        # Prompt tuning: [prompt ; tokens] as embeddings; prompt positions 0..P-1.
+        # Prompt tuning: [prompt ; tokens] as embeddings; prompt positions 0..P-1, and the
+        # per-token inputs (token types, token labels) padded over the prompt.
         embeds = self.base.get_input_embeddings()(input_ids)
         prompt = self.prompt().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
-        prompt_pos = torch.arange(P, device=input_ids.device).expand(batch, -1)
-        kwargs = {
+        prompt_pos = torch.arange(P, device=input_ids.device).expand(batch, -1) + self.geometry.position_offset
+        if token_type_ids is not None:
+            extra["token_type_ids"] = torch.cat([token_type_ids.new_zeros(batch, P), token_type_ids], 1)
+        if labels is not None and self.task in ("causal-lm", "token-cls"):
+            extra["labels"] = torch.cat([labels.new_full((batch, P), IGNORE_INDEX), labels], dim=1)
+        return {
             "inputs_embeds": torch.cat([prompt, embeds], dim=1),
             "attention_mask": full_mask,
-            "position_ids": torch.cat(
-                [prompt_pos + self.geometry.position_offset, self._positions(attention_mask)], dim=1
-            ),
+            "position_ids": torch.cat([prompt_pos, self._positions(attention_mask)], dim=1),
+            **extra,
         }
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = torch.cat([token_type_ids.new_zeros(batch, P), token_type_ids], 1)
-        if labels is not None:
-            if self.task in ("causal-lm", "token-cls"):
-                labels = torch.cat([labels.new_full((batch, P), IGNORE_INDEX), labels], dim=1)
-            kwargs["labels"] = labels
-        return kwargs
 
     def forward(
         self,
