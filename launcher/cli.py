@@ -291,6 +291,10 @@ def _inputs(texts: list[str] | None, file: Path | None) -> list[str]:
 
 def _load(prompt: Path, model: str | None):
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the output is JSON lines
+    hf_logging.set_verbosity_error()
 
     from ptv2.artifact import ArtifactError, load_prompt, read_manifest
     from ptv2.model import load_base_model
