@@ -244,13 +244,90 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _pct(v) -> str:
+    return "—" if v is None else f"{100 * v:.1f}"
+
+
+def report(results: dict) -> str:
+    """Markdown tables of the results (QUALITY.md's numbers are generated from quality.json)."""
+    lines = []
+    for dataset, title in (
+        ("polarity", "Polarity (Pang & Lee sentences), MiniLM-L6"),
+        ("uncertainty", "CoNLL-2010 uncertainty sentences, MiniLM-L6"),
+    ):
+        res = results.get(dataset)
+        if not res:
+            continue
+        lines += [
+            f"### {title}",
+            "",
+            "| method | test accuracy | test macro-F1 | dev accuracy | trainable params | share | "
+            "prompt length / lr | wall (s) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for method in METHODS:
+            r = res.get(method)
+            if not r:
+                continue
+            m, p = r["metrics"], r["params"]
+            lines.append(
+                f"| {method} | {_pct(m.get('test/accuracy'))} | {_pct(m.get('test/macro_f1'))} | "
+                f"{_pct(m.get('eval/accuracy'))} | {r['trainable_params']:,} | {r['trainable_share_pct']:.3f}% | "
+                f"{p['prompt.length']} / {p['train.lr']} | {r['wall_s']:.0f} |"
+            )
+        if res.get("_sweep"):
+            lines += [
+                "",
+                "P-Tuning v2 settings tried (chosen on dev accuracy):",
+                "",
+                "| prompt length | lr | dev accuracy |",
+                "|---|---|---|",
+            ]
+            lines += [f"| {c['prompt.length']} | {c['train.lr']} | {_pct(c['dev_accuracy'])} |" for c in res["_sweep"]]
+        lines.append("")
+    if results.get("wnut16"):
+        lines += [
+            "### WNUT-16 NER (tweets), MiniLM-L6",
+            "",
+            "| method | test entity F1 | precision | recall | trainable params | share | wall (s) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for method, r in results["wnut16"].items():
+            m = r["metrics"]
+            lines.append(
+                f"| {method} | {_pct(m.get('test/entity_f1'))} | {_pct(m.get('test/entity_precision'))} | "
+                f"{_pct(m.get('test/entity_recall'))} | {r['trainable_params']:,} | "
+                f"{r['trainable_share_pct']:.3f}% | {r['wall_s']:.0f} |"
+            )
+        lines.append("")
+    if results.get("smollm2"):
+        lines += [
+            "### SmolLM2-135M-Instruct, chatterbot replies (generation)",
+            "",
+            "| prompt | test loss (reply tokens) | exact match (greedy) | trainable params | wall (s) |",
+            "|---|---|---|---|---|",
+        ]
+        for method, r in results["smollm2"].items():
+            m = r["metrics"]
+            lines.append(
+                f"| {method} | {m['test/loss']:.3f} | {_pct(m['test/exact_match'])} | "
+                f"{r['trainable_params']:,} | {r['wall_s']:.0f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="< 3 min: ptv2 vs linear probe on polarity, asserted")
     ap.add_argument("--data", type=Path, default=ROOT / "data", help="prepared by python -m ptv2.assets")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "quality.json")
     ap.add_argument("--only", nargs="+", default=["polarity", "uncertainty", "wnut16", "smollm2"])
+    ap.add_argument("--report", action="store_true", help="print the Markdown tables of --json and exit")
     args = ap.parse_args()
+    if args.report:
+        print(report(json.loads(args.json.read_text())))
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.quick:  # a throwaway MLflow store; the full benchmark records into $PTV2_HOME
         os.environ.setdefault("PTV2_HOME", tempfile.mkdtemp(prefix="ptv2-quick-"))
