@@ -244,6 +244,34 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def from_mlflow(dataset: str, experiment: str = "quality") -> dict:
+    """Rebuild one experiment's results from the runs MLflow holds (newest run per method;
+    for swept P-Tuning v2 settings, the best on dev)."""
+    from ptv2 import tracking
+
+    c = tracking.client(None)
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"]) if exp else []
+    out: dict = {}
+    for r in runs:
+        if r.info.status != "FINISHED" or not r.info.run_name.startswith(f"{dataset}-"):
+            continue
+        name = r.info.run_name.removeprefix(f"{dataset}-")
+        method = next((m for m in METHODS if name.startswith(m + "-")), None)
+        if method is None:
+            continue
+        res = results(r.info.run_id)
+        res["dev_accuracy"] = res["metrics"].get("eval/accuracy", 0.0)
+        swept = name[len(method) + 1 :].startswith("c") and name[len(method) + 2].isdigit()
+        if swept:
+            out.setdefault("_sweep", []).append(
+                {"method": method, **res["params"], "dev_accuracy": res["dev_accuracy"]}
+            )
+        if method not in out or (swept and res["dev_accuracy"] > out[method]["dev_accuracy"]):
+            out[method] = res
+    return out
+
+
 def _pct(v) -> str:
     return "—" if v is None else f"{100 * v:.1f}"
 
@@ -324,6 +352,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "quality.json")
     ap.add_argument("--only", nargs="+", default=["polarity", "uncertainty", "wnut16", "smollm2"])
     ap.add_argument("--report", action="store_true", help="print the Markdown tables of --json and exit")
+    ap.add_argument("--collect", nargs="+", default=[], help="take these experiments' results from MLflow runs")
     args = ap.parse_args()
     if args.report:
         print(report(json.loads(args.json.read_text())))
@@ -355,28 +384,37 @@ def main() -> int:
             return 0
         # runs of earlier invocations (--only) are kept: the JSON accumulates the experiments
         results: dict = json.loads(args.json.read_text()) if args.json.is_file() else {}
+        for dataset in args.collect:
+            results[dataset] = from_mlflow(dataset)
+
+        def save() -> None:  # after every experiment, so an interrupted run keeps what it measured
+            meta = results.setdefault("_meta", {"wall_s": 0})
+            meta.update(cpu_count=os.cpu_count(), python=sys.version.split()[0])
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+        save()
         if "polarity" in args.only:
             print("polarity (MiniLM, Pang & Lee sentences)", flush=True)
             results["polarity"] = classification(
                 args.data, workdir, "polarity", ["negative", "positive"], tuple(METHODS), steps=250, sweep=True
             )
+            save()
         if "uncertainty" in args.only:
             print("uncertainty (MiniLM, CoNLL-2010 sentences)", flush=True)
             results["uncertainty"] = classification(
                 args.data, workdir, "uncertainty", ["certain", "uncertain"], tuple(METHODS), steps=200, sweep=False
             )
+            save()
         if "wnut16" in args.only:
             print("wnut16 NER (MiniLM)", flush=True)
             results["wnut16"] = ner(args.data, workdir, steps=250)
+            save()
         if "smollm2" in args.only:
             print("SmolLM2-135M chat replies", flush=True)
             results["smollm2"] = generation(args.data, workdir, steps=120)
-    results["_meta"] = {
-        "wall_s": round(time.time() - t0),
-        "cpu_count": os.cpu_count(),
-        "python": sys.version.split()[0],
-    }
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
+            save()
+    results["_meta"]["wall_s"] += round(time.time() - t0)
+    save()
     try:
         plot(results, args.json.with_name("quality.png"))
     except ImportError:

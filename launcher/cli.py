@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import typer
@@ -131,12 +132,19 @@ def submit(
     with tempfile.TemporaryDirectory(prefix="ptv2-submit-") as tmp:
         name = package(spec, Path(tmp))
         env = worker_env(s)
-        client.submit_job(
-            entrypoint=f"python -m launcher.runner {name} --job-id {job_id}",
-            submission_id=job_id,
-            runtime_env={"working_dir": tmp, "env_vars": env},
-            metadata={"ptv2": "1", "name": s.name},
-        )
+        for attempt in range(12):  # a just-started head answers "No available agent" for a while
+            try:
+                client.submit_job(
+                    entrypoint=f"python -m launcher.runner {name} --job-id {job_id}",
+                    submission_id=job_id,
+                    runtime_env={"working_dir": tmp, "env_vars": env},
+                    metadata={"ptv2": "1", "name": s.name},
+                )
+                break
+            except RuntimeError as e:
+                if "No available agent" not in str(e) or attempt == 11:
+                    fail(f"the Ray Jobs API at {address} refused the job: {str(e).splitlines()[0][:300]}", code=1)
+                time.sleep(5)
     typer.echo(job_id)
     if wait:
         logs(job_id, address=address, follow=True)
