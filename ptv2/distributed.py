@@ -79,6 +79,35 @@ def gathered(params, modifier_rank: int | None = None):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
+@contextlib.contextmanager
+def gathered_per_module(model: torch.nn.Module):
+    """Run forwards of a ZeRO-3 partitioned `model` outside a DeepSpeed engine: each submodule
+    gathers its own parameters just before it runs and releases them after, so no rank ever
+    holds more than one layer's weights whole (what the engine's hooks do). Collective: every
+    rank must run the same forwards. A no-op for unpartitioned models."""
+    handles = []
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if hasattr(p, "ds_id")]
+        if not own:
+            continue
+        stack: list = []
+
+        def pre(_m, _args, own=own, stack=stack):
+            ctx = gathered(own)
+            ctx.__enter__()
+            stack.append(ctx)
+
+        def post(_m, _args, _out, stack=stack):
+            stack.pop().__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

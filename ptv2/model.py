@@ -138,8 +138,6 @@ class PromptedModel(nn.Module):
                 f"{g.max_positions} positions"
             )
         self.prompt = build_prompt_module(prompt, g)
-        if isinstance(self.prompt, PromptEmbedding):
-            self.prompt.init_from_vocab(base.get_input_embeddings())
         self.head_names = list(trainable_head if trainable_head is not None else head_parameter_names(base))
         heads = set(self.head_names)
         # Full fine-tuning (`train_base`) exists only as a baseline for the quality benchmark.
@@ -152,6 +150,31 @@ class PromptedModel(nn.Module):
         self.cache_kwarg = "cache" if "cache" in params or "cache" in inner else "past_key_values"
         if isinstance(self.prompt, PromptEmbedding) and "inputs_embeds" not in params:
             raise ValueError(f"{type(base).__name__} takes no inputs_embeds: prompt-tuning needs them")
+        if self.prompt is not None and prompt.resolved_init == "vocab":
+            # every rank draws the same ids (the loop seeds all ranks alike)
+            self.init_prompt_from_tokens(torch.randint(0, base.get_input_embeddings().num_embeddings, (prompt.length,)))
+        # init "text" needs the training data: the loop calls init_prompt_from_tokens itself
+
+    @torch.no_grad()
+    def init_prompt_from_tokens(self, ids: torch.Tensor) -> None:
+        """Start the prompt from what the frozen model makes of `ids` [P]: their input embeddings
+        (prompt tuning) or the keys/values every layer computes for them at positions 0..P-1
+        (P-Tuning v2), so the untrained prompt acts as if that text preceded every input. Under
+        ZeRO-3 the base model runs layer by layer gathered; collective then (same ids on every rank)."""
+        from ptv2.distributed import gathered_per_module
+
+        if ids.shape != (self.prompt_length,):
+            raise ValueError(f"need {self.prompt_length} token ids to initialise the prompt, got {tuple(ids.shape)}")
+        if isinstance(self.prompt, PromptEmbedding):
+            self.prompt.init_from_tokens(self.base.get_input_embeddings(), ids)
+            return
+        inner = self.base.base_model
+        cache = DynamicCache(config=self.base.config if self.geometry.kind == "decoder" else None)
+        device = next(inner.parameters()).device
+        with gathered_per_module(inner):
+            inner(input_ids=ids[None].to(device), use_cache=True, **{self.cache_kwarg: cache})
+        kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
+        self.prompt.init_from_kv(kv.float())
 
     # ---- what is trained -------------------------------------------------------------------
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:

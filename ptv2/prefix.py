@@ -14,10 +14,11 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 Method = Literal["ptv2", "prompt-tuning"]
+Init = Literal["normal", "vocab", "text"]
 
 # model_type -> "decoder" (causal self-attention) or "encoder" (bidirectional).
 # Each entry is covered by tests/test_prefix_attention.py; anything else is refused, because a
@@ -47,6 +48,28 @@ class PromptConfig(BaseModel):
         None, gt=0, le=65536, description="hidden size of the reparameterization MLP; null for a plain table"
     )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the prompt during training")
+    init: Init | None = Field(
+        None,
+        description="how the prompt starts: normal = N(0,1) rows (THUDM, PEFT); vocab = what the frozen model "
+        "makes of P random vocabulary tokens (their keys/values at every layer for ptv2, their embeddings for "
+        "prompt-tuning: Lester et al.); text = the same for the first P tokens of the training data "
+        "(Li & Liang's real-word activations). Default: normal for ptv2, vocab for prompt-tuning",
+    )
+
+    @model_validator(mode="after")
+    def _init_needs_plain_table(self) -> PromptConfig:
+        if self.init in ("vocab", "text") and self.projection:
+            raise ValueError(
+                f"init {self.init!r} sets the prompt rows directly, which the MLP reparameterization "
+                "(projection) has not got: use init normal or projection null"
+            )
+        return self
+
+    @property
+    def resolved_init(self) -> str:
+        if self.init is not None:
+            return self.init
+        return "vocab" if self.method == "prompt-tuning" and not self.projection else "normal"
 
     def to_dict(self) -> dict:
         return self.model_dump()
@@ -142,6 +165,15 @@ class PrefixEncoder(_Reparameterized):
         return rows.view(self.length, g.num_layers, 2, g.num_kv_heads, g.head_dim).permute(1, 2, 3, 0, 4)
 
     @torch.no_grad()
+    def init_from_kv(self, kv: torch.Tensor) -> None:
+        """Set the (plain) table to an explicit prefix [layers, 2, kv_heads, P, head_dim]."""
+        from ptv2.distributed import gathered
+
+        rows = kv.permute(3, 0, 1, 2, 4).reshape(self.length, -1)
+        with gathered([self.embedding.weight], modifier_rank=0):
+            self.embedding.weight.copy_(rows.to(self.embedding.weight))
+
+    @torch.no_grad()
     def fold(self) -> torch.Tensor:
         """The plain [P, layers·2·kv_width] tensor that reproduces this encoder at inference."""
         return self.rows().detach().clone()
@@ -163,16 +195,15 @@ class PromptEmbedding(_Reparameterized):
         return self.rows().detach().clone()
 
     @torch.no_grad()
-    def init_from_vocab(self, embeddings: nn.Embedding) -> None:
-        """Start from the embeddings of random real tokens (Lester et al.'s best initialisation);
-        only for the plain variant, where the rows are the parameters."""
-        if self.mlp is None:
-            from ptv2.distributed import gathered
+    def init_from_tokens(self, embeddings: nn.Embedding, ids: torch.Tensor) -> None:
+        """Start from the input embeddings of real tokens `ids` [P] (Lester et al.'s best
+        initialisation); only for the plain variant, where the rows are the parameters."""
+        from ptv2.distributed import gathered
 
-            ids = torch.randint(0, embeddings.num_embeddings, (self.length,))
-            # under ZeRO-3 both tables are partitioned: gather, write on rank 0, re-partition
-            with gathered([embeddings.weight, self.embedding.weight], modifier_rank=0):
-                self.embedding.weight.copy_(embeddings.weight[ids].to(self.embedding.weight.dtype))
+        # under ZeRO-3 both tables are partitioned: gather, write on rank 0, re-partition
+        with gathered([embeddings.weight, self.embedding.weight], modifier_rank=0):
+            ids = ids.to(embeddings.weight.device)
+            self.embedding.weight.copy_(embeddings.weight[ids].to(self.embedding.weight))
 
 
 def build_prompt_module(config: PromptConfig, geometry: Geometry) -> PrefixEncoder | PromptEmbedding | None:

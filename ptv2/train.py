@@ -96,6 +96,17 @@ def trainable_fp32(model: PromptedModel) -> dict[str, torch.Tensor]:
     return out
 
 
+def text_init_ids(examples: Sequence[dict], length: int) -> torch.Tensor:
+    """The first `length` tokens of the training data in file order (examples joined as
+    tokenized, special tokens included): what prompt init "text" starts from."""
+    ids: list[int] = []
+    for ex in examples:
+        ids += ex["input_ids"][: length - len(ids)]
+        if len(ids) == length:
+            return torch.tensor(ids)
+    raise ValueError(f"prompt init 'text' needs {length} training tokens, the data has only {len(ids)}")
+
+
 def _fail_once(step: int, out_dir: Path, rank: int) -> None:
     at = os.environ.get(FAIL_ENV)
     marker = out_dir / ".test-failure-done"
@@ -146,6 +157,8 @@ def train(job: TrainJob, callbacks: Sequence[Callback] | None = None, d: Dist | 
         model = PromptedModel(
             base, job.prompt, m.task, trainable_head=head_parameter_names(base, missing), train_base=t.train_base
         )
+    if model.prompt is not None and job.prompt.resolved_init == "text":
+        model.init_prompt_from_tokens(text_init_ids(train_ex, job.prompt.length))
     del hf_ds
     base_fp = None if t.train_base else fingerprint(base, base.config, exclude=model.head_names)  # collective
     params = [p for _, p in model.trainable_parameters()]

@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, DynamicCache
 
 from ptv2.model import PromptedModel, build_from_config
 from ptv2.prefix import Geometry, PromptConfig, UnsupportedModelError, count_prompt_parameters
 from tests.helpers import randomize_prompt, set_prefix
-from tests.tiny import ARCHS, DECODERS, tiny_config, tiny_model
+from tests.tiny import ARCHS, DECODERS, ENCODERS, tiny_config, tiny_model
 
 P, T = 5, 7
 
@@ -136,6 +136,47 @@ def test_prefix_from_real_tokens_equals_running_them(arch):
     torch.testing.assert_close(model(b).logits, full, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", DECODERS)
+@torch.no_grad()
+def test_token_initialised_prefix_acts_as_those_tokens(arch):
+    """init vocab/text: before any training the prompt is the model's own reading of real tokens,
+    so the prompted model on `b` is the plain model on `a + b`; the base stays untouched."""
+    base = tiny_model(arch)
+    a, b = torch.randint(2, 96, (P,)), torch.randint(2, 96, (1, T))
+    full = base(torch.cat([a[None], b], 1)).logits[:, P:]
+    before = {n: p.clone() for n, p in base.state_dict().items()}
+    model = PromptedModel(base, PromptConfig(length=P, init="text"), "causal-lm")
+    model.init_prompt_from_tokens(a)
+    torch.testing.assert_close(model(b).logits, full, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(before[n], p) for n, p in base.state_dict().items())
+
+
+@pytest.mark.parametrize("arch", ENCODERS)
+@torch.no_grad()
+def test_token_initialised_prefix_holds_the_encoders_keys_values(arch):
+    base = tiny_model(arch, "seq-cls", ["a", "b"])
+    a = torch.randint(2, 96, (P,))
+    model = PromptedModel(base, PromptConfig(length=P, init="text"), "seq-cls")
+    model.init_prompt_from_tokens(a)
+    cache = DynamicCache(config=None)
+    base.base_model(input_ids=a[None], use_cache=True, **{model.cache_kwarg: cache})
+    expected = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
+    torch.testing.assert_close(model.prompt(), expected)
+
+
+@pytest.mark.parametrize("method", ["ptv2", "prompt-tuning"])
+def test_vocab_init_is_real_tokens_and_the_default_only_for_prompt_tuning(method):
+    model = PromptedModel(tiny_model("llama"), PromptConfig(method=method, length=P, init="vocab"), "causal-lm")
+    ref = PromptedModel(tiny_model("llama"), PromptConfig(method=method, length=P, init="normal"), "causal-lm")
+    ids = torch.randint(0, 96, (P,))  # tiny_model reseeds: the draw `model` made at this point
+    assert not torch.equal(model.prompt.fold(), ref.prompt.fold())
+    ref.init_prompt_from_tokens(ids)
+    torch.testing.assert_close(model.prompt.fold(), ref.prompt.fold())
+    assert PromptConfig(method=method).resolved_init == ("vocab" if method == "prompt-tuning" else "normal")
+    with pytest.raises(ValueError, match="need 5 token ids"):
+        ref.init_prompt_from_tokens(ids[:2])
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", ["ptv2", "prompt-tuning"])
 @torch.no_grad()
@@ -227,6 +268,8 @@ def test_prompt_longer_than_the_model_allows_is_refused():
         (dict(projection=0), "projection"),
         (dict(dropout=1.5), "dropout"),
         (dict(lenght=4), "lenght"),
+        (dict(init="zeros"), "init"),
+        (dict(init="vocab", projection=64), "projection"),
     ],
 )
 def test_bad_prompt_settings_are_refused_naming_the_field(bad, field):
