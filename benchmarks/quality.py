@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -169,7 +170,15 @@ def ner(data: Path, workdir: Path, steps: int) -> dict:
     return out
 
 
-def generation(data: Path, workdir: Path, steps: int, n_eval: int = 60) -> dict:
+GENERATION_PROMPTS = {  # name -> (prompt settings, lr)
+    "prompt-tuning": ({"method": "prompt-tuning", "length": 16}, 3e-2),
+    "ptv2": ({"method": "ptv2", "length": 16}, 1e-2),
+}
+
+
+def generation(
+    data: Path, workdir: Path, steps: int, n_eval: int = 60, prompts: dict | None = None, baseline: bool = True
+) -> dict:
     """SmolLM2 on chatterbot replies: eval loss and exact match, with no prompt, a Lester prompt
     and a P-Tuning v2 prompt. The prompts are fetched back from MLflow for generation."""
     import torch
@@ -199,27 +208,49 @@ def generation(data: Path, workdir: Path, steps: int, n_eval: int = 60) -> dict:
         em = sum(o.strip() == r["response"].strip() for o, r in zip(outs, rows, strict=True)) / len(rows)
         return {"test/loss": loss, "test/exact_match": em}
 
-    base, _ = load_base_model(model_dir, "causal-lm")
-    out = {
-        "no-prompt": {
+    out = {}
+    if baseline:
+        base, _ = load_base_model(model_dir, "causal-lm")
+        out["no-prompt"] = {
             "metrics": score(PromptedModel(base, PromptConfig(length=0), "causal-lm").eval()),
             "trainable_params": 0,
             "trainable_share_pct": 0.0,
             "wall_s": 0.0,
         }
-    }
-    for method, lr in (("prompt-tuning", 3e-2), ("ptv2", 1e-2)):
+    for name, (prompt, lr) in (prompts or GENERATION_PROMPTS).items():
         spec = base_spec(
-            f"smollm2-chat-{method}", data, "chat", "smollm2-135m", "causal-lm", None, steps, 8, 64, "quality"
+            f"smollm2-chat-{name}", data, "chat", "smollm2-135m", "causal-lm", None, steps, 8, 64, "quality"
         )
-        spec["prompt"] = {"method": method, "length": 16}
+        spec["prompt"] = prompt
         spec["train"]["lr"] = lr
         res = results(run(spec, workdir))
         with tempfile.TemporaryDirectory() as tmp:
             fetch(None, res["run_id"], Path(tmp) / "p")
             model = load_prompt(Path(tmp) / "p", load_base_model(model_dir, "causal-lm")[0]).eval()
             res["metrics"].update(score(model))
-        out[method] = res
+        res["params"]["prompt.init"] = PromptConfig(**prompt).resolved_init
+        out[name] = res
+    return out
+
+
+def ablations(data: Path, workdir: Path) -> dict:
+    """Why the gaps (QUALITY.md): prompt initialisation on SmolLM2, training length and the MLP
+    reparameterization on polarity. Not part of the default run (~30 minutes more)."""
+    out: dict = {}
+    inits = {f"ptv2-init-{i}": ({"method": "ptv2", "length": 16, "init": i}, 1e-2) for i in ("vocab", "text")}
+    out["smollm2-init"] = generation(data, workdir, steps=120, baseline=False, prompts=inits)
+    chosen = merge(METHODS["ptv2"], {"prompt": {"length": 16}, "train": {"lr": 2e-2}})
+    for name, settings, steps in (
+        ("polarity-ptv2-750steps", chosen, 750),
+        ("polarity-ptv2-mlp", merge(chosen, {"prompt": {"projection": 512}, "train": {"lr": 5e-3}}), 250),
+    ):
+        spec = merge(
+            base_spec(name, data, "polarity", "minilm", "seq-cls", ["negative", "positive"], steps, 16, 64, "quality"),
+            settings,
+        )
+        res = results(run(spec, workdir))
+        res["dev_accuracy"] = res["metrics"].get("eval/accuracy", 0.0)
+        out[name] = res
     return out
 
 
@@ -235,13 +266,15 @@ def from_mlflow(dataset: str, experiment: str = "quality") -> dict:
     for r in runs:
         if r.info.status != "FINISHED" or not r.info.run_name.startswith(f"{dataset}-"):
             continue
-        name = r.info.run_name.removeprefix(f"{dataset}-")
-        method = next((m for m in METHODS if name.startswith(m + "-")), None)
-        if method is None:
+        # the runs classification() names: DATASET-METHOD[-cN (a swept setting)], then the service's
+        # -YYYYMMDD-HHMMSS-xxxx suffix
+        methods = "|".join(map(re.escape, METHODS))
+        match = re.fullmatch(rf"{re.escape(dataset)}-({methods})(-c\d+)?-\d{{8}}-\d{{6}}-\w+", r.info.run_name)
+        if match is None:
             continue
+        method, swept = match.group(1), match.group(2) is not None
         res = results(r.info.run_id)
         res["dev_accuracy"] = res["metrics"].get("eval/accuracy", 0.0)
-        swept = name[len(method) + 1 :].startswith("c") and name[len(method) + 2].isdigit()
         if swept:
             out.setdefault("_sweep", []).append(
                 {"method": method, **res["params"], "dev_accuracy": res["dev_accuracy"]}
@@ -256,7 +289,12 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="< 3 min: ptv2 vs linear probe on polarity, asserted")
     ap.add_argument("--data", type=Path, default=ROOT / "data", help="prepared by python -m ptv2.assets")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "quality.json")
-    ap.add_argument("--only", nargs="+", default=["polarity", "uncertainty", "wnut16", "smollm2"])
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        default=["polarity", "uncertainty", "wnut16", "smollm2"],
+        help="experiments to run (also: ablations, ~30 min, not in the default)",
+    )
     ap.add_argument("--report", action="store_true", help="print the Markdown tables of --json and exit")
     ap.add_argument("--collect", nargs="+", default=[], help="take these experiments' results from MLflow runs")
     args = ap.parse_args()
@@ -318,6 +356,10 @@ def main() -> int:
         if "smollm2" in args.only:
             print("SmolLM2-135M chat replies", flush=True)
             results["smollm2"] = generation(args.data, workdir, steps=120)
+            save()
+        if "ablations" in args.only:
+            print("ablations: polarity 750 steps, MLP reparameterization; SmolLM2 prompt init", flush=True)
+            results["ablations"] = ablations(args.data, workdir)
             save()
     results["_meta"]["wall_s"] += round(time.time() - t0)
     save()
