@@ -34,6 +34,32 @@ def snapshot(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
         return {name: p.data.detach().clone() for name, p in params.items()}
 
 
+def time_plain(cfg, prefix: int, batch: dict, steps: int, lr: float, device: torch.device) -> float:
+    """Seconds per step of the same prefix training in plain PyTorch (no DeepSpeed): the same
+    bf16 model whole on the device, the fp32 prefix stepped by torch AdamW. The side-by-side
+    baseline that says what ZeRO-3 costs on top."""
+    from transformers import LlamaForCausalLM
+
+    from ptv2.model import PromptedModel
+    from ptv2.prefix import PromptConfig
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16)
+    model = PromptedModel(base, PromptConfig(length=prefix), "causal-lm").to(device).train()
+    opt = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=lr)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for i in range(steps + WARMUP):
+        if i == WARMUP:
+            sync()
+            t0 = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync()
+    return (time.perf_counter() - t0) / steps
+
+
 def main() -> None:
     import deepspeed
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -58,6 +84,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--profile", help="write the top operators of one profiled ZeRO-3 step to this file")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the plain-PyTorch step time beside it")
     ap.add_argument("--allow-cpu", action="store_true", help="smoke-test the code on the CPU accelerator")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -128,12 +156,27 @@ def main() -> None:
     sync()
     dt = (time.perf_counter() - t0) / args.steps
     losses = [float(v) for v in losses]
+    if args.profile and d.is_main:  # where one ZeRO-3 step's device time goes
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+        with profile(activities=acts) as prof:
+            engine.backward(engine(**batch).loss)
+            engine.step()
+            sync()
+        key = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+        Path(args.profile).write_text(prof.key_averages().table(sort_by=key, row_limit=25))
 
     frozen_after = snapshot({n: base_named[n] for n in frozen_names})
     prefix_after = snapshot(named)
     frozen_changed = [n for n in frozen_names if not torch.equal(frozen_before[n], frozen_after[n])]
     prefix_delta = max((prefix_after[n].float() - prefix_before[n].float()).abs().max().item() for n in named)
     checksums = {n: float(frozen_after[n].double().sum()) for n in frozen_names}
+
+    plain_dt = None
+    if not args.no_baseline and d.world_size == 1:
+        del keep  # construct the baseline model whole, not under ZeRO-3
+        plain_dt = time_plain(cfg, args.prefix, batch, args.steps, args.lr, d.device)
 
     tokens_s = args.batch * args.seq * d.world_size / dt
     name = torch.cuda.get_device_name() if on_gpu else "cpu"
@@ -148,6 +191,11 @@ def main() -> None:
         "steps_timed": args.steps,
         "build_s": build_s,
         "step_s": dt,
+        "plain_pytorch_step_s": plain_dt,
+        "zero3_over_plain": dt / plain_dt if plain_dt else None,
+        "plain_mfu_vs_frozen_bound": (4 * n_params * args.batch * args.seq / plain_dt) / 1e12 / peak
+        if plain_dt and peak
+        else None,
         "tokens_per_s": tokens_s,
         "achieved_tflops": flops / 1e12,
         "mfu_vs_frozen_bound": flops / 1e12 / peak if peak else None,

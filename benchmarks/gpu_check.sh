@@ -94,7 +94,7 @@ else  # tiny geometry: only the code path is checked on a CPU
   A_ARGS=(--allow-cpu --layers 2 --hidden 256 --intermediate 512 --heads 4 --kv-heads 2 --seq 64 --batch 2 --steps 4)
 fi
 timeout -k 5 "$(cap 135)" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
-  benchmarks/gpu_check.py --json "$OUT/gpu_check.json" "${A_ARGS[@]}" || rc_a=$?
+  benchmarks/gpu_check.py --json "$OUT/gpu_check.json" --profile "$OUT/gpu_check_profile.txt" "${A_ARGS[@]}" || rc_a=$?
 
 echo "== (b) end-to-end ptv2.train on a small Llama ($((SECONDS))s)"
 T_B=$(cap 110)
