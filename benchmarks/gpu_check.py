@@ -34,6 +34,10 @@ def snapshot(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
         return {name: p.data.detach().clone() for name, p in params.items()}
 
 
+def numel(p: torch.nn.Parameter) -> int:
+    return getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partitioned parameter's full size
+
+
 def time_plain(cfg, prefix: int, batch: dict, steps: int, lr: float, device: torch.device) -> float:
     """Seconds per step of the same prefix training in plain PyTorch (no DeepSpeed): the same
     bf16 model whole on the device, the fp32 prefix stepped by torch AdamW. The side-by-side
@@ -84,6 +88,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--ds-config", default="zero3.json", help="a file of deepspeed_configs/ (zero3, replicated, ...)")
     ap.add_argument("--profile", help="write the top operators of one profiled ZeRO-3 step to this file")
     ap.add_argument("--no-baseline", action="store_true", help="skip the plain-PyTorch step time beside it")
     ap.add_argument("--allow-cpu", action="store_true", help="smoke-test the code on the CPU accelerator")
@@ -106,15 +111,17 @@ def main() -> None:
             "model": {"name_or_path": "x", "task": "causal-lm", "dtype": "bfloat16"},
             "data": {"train_file": "x"},
             "train": {"micro_batch_size": args.batch},
+            "deepspeed": {"config": args.ds_config},
         }
     )
     ds = dsconfig.build(job, d.world_size, "bfloat16")
-    keep = HfDeepSpeedConfig(ds)  # noqa: F841
+    zero3 = dsconfig.zero_stage(ds) == 3
+    keep = HfDeepSpeedConfig(ds) if zero3 else None  # noqa: F841
     t_build = time.perf_counter()
-    with deepspeed.zero.Init(config_dict_or_path=ds):
+    with deepspeed.zero.Init(config_dict_or_path=ds) if zero3 else d.device:
         base = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    n_params = sum(p.ds_numel for p in base.parameters())
-    with deepspeed.zero.Init(config_dict_or_path=ds):
+    n_params = sum(numel(p) for p in base.parameters())
+    with deepspeed.zero.Init(config_dict_or_path=ds) if zero3 else d.device:
         model = PromptedModel(base, PromptConfig(length=args.prefix), "causal-lm")
     named = dict(model.trainable_parameters())
     params = list(named.values())
@@ -185,7 +192,8 @@ def main() -> None:
     res = {
         "device": name,
         "params": n_params,
-        "trainable": sum(p.ds_numel for p in params),
+        "ds_config": args.ds_config,
+        "trainable": sum(numel(p) for p in params),
         "batch": args.batch,
         "seq": args.seq,
         "steps_timed": args.steps,

@@ -96,6 +96,11 @@ fi
 timeout -k 5 "$(cap 135)" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
   benchmarks/gpu_check.py --json "$OUT/gpu_check.json" --profile "$OUT/gpu_check_profile.txt" "${A_ARGS[@]}" || rc_a=$?
 
+echo "== (a2) the same under DeepSpeed stage 0 (replicated.json): what ZeRO-3 costs when the model fits ($((SECONDS))s)"
+timeout -k 5 "$(cap 60)" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
+  benchmarks/gpu_check.py --ds-config replicated.json --no-baseline --json "$OUT/gpu_check_replicated.json" \
+  "${A_ARGS[@]}" || rc_a=$?
+
 echo "== (b) end-to-end ptv2.train on a small Llama ($((SECONDS))s)"
 T_B=$(cap 110)
 if [[ -z "${GPU_CHECK_CPU:-}" ]]; then B_DEV=cuda; else B_DEV=cpu; fi
