@@ -150,7 +150,7 @@ class PromptedModel(nn.Module):
         self.cache_kwarg = "cache" if "cache" in params or "cache" in inner else "past_key_values"
         if isinstance(self.prompt, PromptEmbedding) and "inputs_embeds" not in params:
             raise ValueError(f"{type(base).__name__} takes no inputs_embeds: prompt-tuning needs them")
-        if self.prompt is not None and prompt.resolved_init == "vocab":
+        if self.prompt is not None and prompt.resolved_init(g.kind) == "vocab":
             # every rank draws the same ids (the loop seeds all ranks alike)
             self.init_prompt_from_tokens(torch.randint(0, base.get_input_embeddings().num_embeddings, (prompt.length,)))
         # init "text" needs the training data: the loop calls init_prompt_from_tokens itself

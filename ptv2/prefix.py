@@ -53,7 +53,8 @@ class PromptConfig(BaseModel):
         description="how the prompt starts: normal = N(0,1) rows (THUDM, PEFT); vocab = what the frozen model "
         "makes of P random vocabulary tokens (their keys/values at every layer for ptv2, their embeddings for "
         "prompt-tuning: Lester et al.); text = the same for the first P tokens of the training data "
-        "(Li & Liang's real-word activations). Default: normal for ptv2, vocab for prompt-tuning",
+        "(Li & Liang's real-word activations). Default: vocab, except normal for ptv2 on encoders "
+        "and with a projection",
     )
 
     @model_validator(mode="after")
@@ -65,11 +66,16 @@ class PromptConfig(BaseModel):
             )
         return self
 
-    @property
-    def resolved_init(self) -> str:
+    def resolved_init(self, kind: str) -> str:
+        """The init used on a base model of `kind` ("decoder"/"encoder") when none is set: vocab
+        for prompt tuning (Lester) and for deep prefixes on decoders (N(0,1) keys/values perturb
+        every layer of a pretrained decoder: benchmarks/QUALITY.md), normal for deep prefixes
+        on encoders (THUDM's setting, where the paper's results come from)."""
         if self.init is not None:
             return self.init
-        return "vocab" if self.method == "prompt-tuning" and not self.projection else "normal"
+        if self.projection:
+            return "normal"
+        return "vocab" if self.method == "prompt-tuning" or kind == "decoder" else "normal"
 
     def to_dict(self) -> dict:
         return self.model_dump()

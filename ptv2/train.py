@@ -157,7 +157,7 @@ def train(job: TrainJob, callbacks: Sequence[Callback] | None = None, d: Dist | 
         model = PromptedModel(
             base, job.prompt, m.task, trainable_head=head_parameter_names(base, missing), train_base=t.train_base
         )
-    if model.prompt is not None and job.prompt.resolved_init == "text":
+    if model.prompt is not None and job.prompt.init == "text":
         model.init_prompt_from_tokens(text_init_ids(train_ex, job.prompt.length))
     del hf_ds
     base_fp = None if t.train_base else fingerprint(base, base.config, exclude=model.head_names)  # collective

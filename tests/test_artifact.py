@@ -65,7 +65,7 @@ def test_save_then_load_into_a_fresh_plain_model_gives_identical_logits(tmp_path
 def test_manifest_describes_every_tensor_and_file(saved):
     model, path = saved
     m = read_manifest(path)
-    assert m["prompt"] == {"method": "ptv2", "length": 4, "projection": 12, "dropout": 0.0}
+    assert m["prompt"] == {"method": "ptv2", "length": 4, "projection": 12, "dropout": 0.0, "init": None}
     assert m["task"] == "causal-lm"
     g = m["base_model"]["geometry"]
     assert (g["num_layers"], g["num_kv_heads"], g["head_dim"]) == (2, 2, 8)

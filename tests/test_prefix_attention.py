@@ -165,14 +165,16 @@ def test_token_initialised_prefix_holds_the_encoders_keys_values(arch):
 
 
 @pytest.mark.parametrize("method", ["ptv2", "prompt-tuning"])
-def test_vocab_init_is_real_tokens_and_the_default_only_for_prompt_tuning(method):
+def test_vocab_init_is_real_tokens_and_the_default_except_ptv2_on_encoders(method):
     model = PromptedModel(tiny_model("llama"), PromptConfig(method=method, length=P, init="vocab"), "causal-lm")
     ref = PromptedModel(tiny_model("llama"), PromptConfig(method=method, length=P, init="normal"), "causal-lm")
     ids = torch.randint(0, 96, (P,))  # tiny_model reseeds: the draw `model` made at this point
     assert not torch.equal(model.prompt.fold(), ref.prompt.fold())
     ref.init_prompt_from_tokens(ids)
     torch.testing.assert_close(model.prompt.fold(), ref.prompt.fold())
-    assert PromptConfig(method=method).resolved_init == ("vocab" if method == "prompt-tuning" else "normal")
+    assert PromptConfig(method=method).resolved_init("decoder") == "vocab"
+    assert PromptConfig(method=method).resolved_init("encoder") == ("vocab" if method == "prompt-tuning" else "normal")
+    assert PromptConfig(method=method, projection=8).resolved_init("decoder") == "normal"
     with pytest.raises(ValueError, match="need 5 token ids"):
         ref.init_prompt_from_tokens(ids[:2])
 
