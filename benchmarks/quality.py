@@ -126,7 +126,11 @@ def results(run_id: str) -> dict:
         "trainable_params": int(tags.get("ptv2.trainable_params", 0)),
         "trainable_share_pct": float(tags.get("ptv2.trainable_share_pct", 0)),
         "wall_s": (r.info.end_time - r.info.start_time) / 1000,
-        "params": {k: r.data.params[k] for k in ("prompt.method", "prompt.length", "train.lr", "train.max_steps")},
+        "params": {
+            k: r.data.params.get(k)
+            for k in ("prompt.method", "prompt.length", "prompt.projection", "prompt.init")
+            + ("train.lr", "train.max_steps")
+        },
     }
 
 

@@ -101,4 +101,35 @@ def report(results: dict) -> str:
                 f"{r['trainable_params']:,} | {r['wall_s']:.0f} |"
             )
         lines.append("")
+    ab = results.get("ablations") or {}
+    polarity = {k: v for k, v in ab.items() if k.startswith("polarity-")}
+    if polarity:
+        lines += [
+            "### Ablations on polarity (P-Tuning v2, length 16)",
+            "",
+            "| run | steps | prompt | lr | test accuracy | dev accuracy | trainable params | wall (s) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in polarity.items():
+            m = r["metrics"]
+            p = {k: v for k, v in r["params"].items() if v not in (None, "None")}  # MLflow writes None as "None"
+            prompt = f"MLP {p['prompt.projection']}" if "prompt.projection" in p else "table"
+            lines.append(
+                f"| {name} | {p['train.max_steps']} | {prompt}"
+                f"{' / init ' + p['prompt.init'] if 'prompt.init' in p else ''} | {p['train.lr']} | "
+                f"{_pct(m.get('test/accuracy'))} | {_pct(m.get('eval/accuracy'))} | {r['trainable_params']:,} | "
+                f"{r['wall_s']:.0f} |"
+            )
+        lines.append("")
+    if ab.get("smollm2-init"):
+        lines += [
+            "### Ablation: P-Tuning v2 prefix initialisation on SmolLM2 (chatterbot replies, 120 steps)",
+            "",
+            "| init | test loss (reply tokens) | exact match (greedy) | wall (s) |",
+            "|---|---|---|---|",
+        ]
+        for name, r in ab["smollm2-init"].items():
+            m = r["metrics"]
+            lines.append(f"| {name} | {m['test/loss']:.3f} | {_pct(m['test/exact_match'])} | {r['wall_s']:.0f} |")
+        lines.append("")
     return "\n".join(lines)
