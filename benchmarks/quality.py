@@ -247,7 +247,7 @@ def ablations(data: Path, workdir: Path) -> dict:
     chosen = merge(METHODS["ptv2"], {"prompt": {"length": 16}, "train": {"lr": 2e-2}})
     for name, settings, steps in (
         ("polarity-ptv2-750steps", chosen, 750),
-        ("polarity-ptv2-mlp", merge(chosen, {"prompt": {"projection": 512}, "train": {"lr": 5e-3}}), 250),
+        ("polarity-ptv2-mlp", merge(chosen, {"prompt": {"projection": 512}, "train": {"lr": 1e-3}}), 250),
         ("polarity-ptv2-init-vocab", merge(chosen, {"prompt": {"init": "vocab"}}), 250),
     ):
         spec = merge(
