@@ -9,7 +9,8 @@
 #   e2e.json, e2e_*   (b) the real loop `torchrun -m ptv2.train job.yaml` on a ~25M Llama: losses,
 #                     eval, prompt artifact verified and reloaded, checkpoint written
 #   summary.json      exit status of each part
-# Usage: bash benchmarks/gpu_check.sh            (device tool: carry [".whl"])
+# Usage: bash benchmarks/gpu_wheels.sh  (once, here), then on the GPU machine: bash benchmarks/gpu_check.sh
+#        (device tool: carry [".whl"])
 #        GPU_CHECK_CPU=1 PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh   (CPU dry run of the glue)
 set -euo pipefail
 cd "$(dirname "$0")/.."
