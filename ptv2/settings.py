@@ -71,6 +71,13 @@ class TrainSettings(_Strict):
     epochs: float | None = Field(None, gt=0, le=1000, description="passes over the training data (or use max_steps)")
     max_steps: int | None = Field(None, gt=0, le=10_000_000, description="optimizer steps; overrides epochs")
     lr: float = Field(1e-2, gt=0, le=10, description="peak learning rate (prompts like 1e-3..3e-2)")
+    head_lr: float | None = Field(
+        None,
+        gt=0,
+        le=10,
+        description="peak learning rate of the task head (null: lr); an MLP prompt needs a far "
+        "lower lr than a fresh head",
+    )
     weight_decay: float = Field(0.0, ge=0, le=1)
     micro_batch_size: int = Field(8, ge=1, le=65536, description="examples per worker per forward")
     gradient_accumulation: int = Field(1, ge=1, le=4096)

@@ -168,7 +168,13 @@ def train(job: TrainJob, callbacks: Sequence[Callback] | None = None, d: Dist | 
     # ---- schedule ----------------------------------------------------------------------------
     per_epoch = max(1, math.ceil(math.ceil(len(train_ex) / d.world_size) / t.micro_batch_size))
     total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / t.gradient_accumulation))
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    # one group per learning rate: the task head may take its own (the schedule scales both alike)
+    heads = set(model.head_names)
+    head_params = [p for n, p in model.trainable_parameters() if n.removeprefix("base.") in heads]
+    groups = [{"params": [p for p in params if all(p is not h for h in head_params)], "lr": t.lr}]
+    if head_params:
+        groups.append({"params": head_params, "lr": t.head_lr or t.lr})
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.schedule, t.warmup_steps, total))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False

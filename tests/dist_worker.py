@@ -28,6 +28,16 @@ class Losses(Callback):
                 f.write(json.dumps({"step": step, "loss": metrics["loss"]}) + "\n")
 
 
+def optimizer_groups(optimizer) -> list[tuple[float, int]]:
+    """(learning rate, values held) per optimizer group. ZeRO-3 swaps a group's params for its
+    flat fp32 partition; `fp16_groups` keeps the model's parameters, in the same order."""
+    members = getattr(optimizer, "fp16_groups", None) or [g["params"] for g in optimizer.param_groups]
+    return sorted(
+        (g["lr"], sum(getattr(p, "ds_numel", p.numel()) for p in ps))
+        for g, ps in zip(optimizer.param_groups, members, strict=True)
+    )
+
+
 def checks(job, result) -> dict:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -96,6 +106,8 @@ def main() -> None:
         "resumed_from": result.resumed_from,
         "metrics": result.metrics,
         "artifact": str(result.artifact),
+        "groups": optimizer_groups(result.engine.optimizer),
+        "head_numel": sum(getattr(p, "ds_numel", p.numel()) for p in result.model.head_state().values()),
     }
     if "--checks" in sys.argv:
         report.update(checks(job, result))

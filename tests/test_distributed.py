@@ -96,6 +96,26 @@ def test_zero3_two_ranks_trains_only_the_prompt(tmp_path, arch, task, labels):
     assert (tmp_path / "out" / "best" / "manifest.json").is_file()
 
 
+def test_the_head_can_take_its_own_learning_rate(tmp_path):
+    job = _job(
+        tmp_path,
+        "bert",
+        "seq-cls",
+        ["even", "odd"],
+        max_steps=2,
+        eval_every=0,
+        checkpoint_every=0,
+        schedule="constant",
+        lr=0.01,
+        head_lr=0.5,
+    )
+    torchrun(job, tmp_path / "report.json")
+    r = json.loads((tmp_path / "report.json").read_text())
+    (lr_prompt, n_prompt), (lr_head, n_head) = r["groups"]
+    assert (lr_prompt, lr_head) == (0.01, 0.5)
+    assert n_head == r["head_numel"] > 0 and n_prompt == 4 * 2 * 2 * 32  # length 4, 2 layers, K and V
+
+
 def test_killed_worker_and_truncated_checkpoint_resume_the_same_trajectory(tmp_path):
     job = _job(tmp_path, "llama", "causal-lm", max_steps=12)
     reference = tmp_path / "a" / "report.json"
