@@ -129,7 +129,7 @@ def results(run_id: str) -> dict:
         "params": {
             k: r.data.params.get(k)
             for k in ("prompt.method", "prompt.length", "prompt.projection", "prompt.init")
-            + ("train.lr", "train.max_steps")
+            + ("train.lr", "train.head_lr", "train.max_steps")
         },
     }
 
@@ -247,7 +247,13 @@ def ablations(data: Path, workdir: Path) -> dict:
     chosen = merge(METHODS["ptv2"], {"prompt": {"length": 16}, "train": {"lr": 2e-2}})
     for name, settings, steps in (
         ("polarity-ptv2-750steps", chosen, 750),
-        ("polarity-ptv2-mlp", merge(chosen, {"prompt": {"projection": 512}, "train": {"lr": 1e-3}}), 250),
+        # an Adam step moves each MLP output by up to ~512·|tanh|·lr (a plain table's by lr): a far
+        # lower prompt lr (1e-3 and 5e-3 collapsed to chance); the head keeps the probe's 3e-2
+        (
+            "polarity-ptv2-mlp",
+            merge(chosen, {"prompt": {"projection": 512}, "train": {"lr": 1e-4, "head_lr": 3e-2}}),
+            250,
+        ),
         ("polarity-ptv2-init-vocab", merge(chosen, {"prompt": {"init": "vocab"}}), 250),
     ):
         spec = merge(

@@ -116,7 +116,8 @@ def report(results: dict) -> str:
             prompt = f"MLP {p['prompt.projection']}" if "prompt.projection" in p else "table"
             lines.append(
                 f"| {name} | {p['train.max_steps']} | {prompt}"
-                f"{' / init ' + p['prompt.init'] if 'prompt.init' in p else ''} | {p['train.lr']} | "
+                f"{' / init ' + p['prompt.init'] if 'prompt.init' in p else ''} | {p['train.lr']}"
+                f"{' (head ' + p['train.head_lr'] + ')' if 'train.head_lr' in p else ''} | "
                 f"{_pct(m.get('test/accuracy'))} | {_pct(m.get('eval/accuracy'))} | {r['trainable_params']:,} | "
                 f"{r['wall_s']:.0f} |"
             )
