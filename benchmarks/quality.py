@@ -344,8 +344,9 @@ def main() -> int:
             results[dataset] = from_mlflow(dataset)
 
         def save() -> None:  # after every experiment, so an interrupted run keeps what it measured
-            meta = results.setdefault("_meta", {"wall_s": 0})
-            meta.update(cpu_count=os.cpu_count(), python=sys.version.split()[0])
+            # wall time of the last invocation and what it ran (results of earlier ones are kept)
+            meta = results.setdefault("_meta", {})
+            meta.update(cpu_count=os.cpu_count(), python=sys.version.split()[0], ran=args.only)
             args.json.write_text(json.dumps(results, indent=2) + "\n")
 
         save()
@@ -373,7 +374,7 @@ def main() -> int:
             print("ablations: polarity 750 steps, MLP reparameterization; SmolLM2 prompt init", flush=True)
             results["ablations"] = ablations(args.data, workdir)
             save()
-    results["_meta"]["wall_s"] += round(time.time() - t0)
+    results["_meta"]["wall_s"] = round(time.time() - t0)
     save()
     try:
         plot(results, args.json.with_name("quality.png"))
