@@ -233,8 +233,9 @@ def load_prompt(prompt_dir: str | Path, base, *, trainable: bool = False) -> Pro
     manifest = read_manifest(d)
     check_base(manifest, base)
     prompt_cfg = PromptConfig(**manifest["prompt"])
-    if not trainable:  # the folded prompt is a plain table: no MLP, no dropout
-        prompt_cfg = PromptConfig(method=prompt_cfg.method, length=prompt_cfg.length)
+    if not trainable:  # the folded prompt is a plain table: no MLP, no dropout, and no init
+        # forward through the base model (its tensors are loaded next)
+        prompt_cfg = PromptConfig(method=prompt_cfg.method, length=prompt_cfg.length, init="normal")
     model = PromptedModel(base, prompt_cfg, manifest["task"], trainable_head=manifest["head"])
     load_tensors(model, d / (RAW if trainable else FOLDED))
     return model

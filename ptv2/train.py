@@ -170,10 +170,11 @@ def train(job: TrainJob, callbacks: Sequence[Callback] | None = None, d: Dist | 
     total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / t.gradient_accumulation))
     # one group per learning rate: the task head may take its own (the schedule scales both alike)
     heads = set(model.head_names)
-    head_params = [p for n, p in model.trainable_parameters() if n.removeprefix("base.") in heads]
-    groups = [{"params": [p for p in params if all(p is not h for h in head_params)], "lr": t.lr}]
-    if head_params:
-        groups.append({"params": head_params, "lr": t.head_lr or t.lr})
+    is_head = [n.removeprefix("base.") in heads for n, _ in model.trainable_parameters()]
+    groups = [
+        {"params": [p for p, h in zip(params, is_head, strict=True) if not h], "lr": t.lr},
+        {"params": [p for p, h in zip(params, is_head, strict=True) if h], "lr": t.head_lr or t.lr},
+    ]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.schedule, t.warmup_steps, total))
     engine, optimizer, _, scheduler = deepspeed.initialize(
