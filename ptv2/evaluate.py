@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ptv2.data import IGNORE_INDEX, collate
+from ptv2.data import IGNORE_INDEX, rows
 from ptv2.distributed import all_sum
 
 
@@ -43,19 +43,20 @@ def evaluate(
     task: str,
     labels: Sequence[str] | None,
     batch_size: int,
-    pad_id: int,
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]],
     rank: int,
     world: int,
     device: torch.device,
 ) -> dict[str, float]:
-    """`forward(**batch)` returns logits. Metrics are identical on every rank."""
+    """`forward(**batch)` returns logits; `collate` pads a list of examples into a batch.
+    Metrics are identical on every rank."""
     items = shard(len(examples), rank, world)
     n_labels = len(labels) if labels else 0
     # sums: [loss, n_loss, correct, n_acc, tp.. (per class or entity), pred.., gold..]
     sums = torch.zeros(4 + 3 * max(n_labels, 1), dtype=torch.float64)
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        batch = collate([examples[i] for i, _ in chunk], pad_id)
+        batch = collate(rows(examples, [i for i, _ in chunk]))
         valid = torch.tensor([v for _, v in chunk])
         gold = batch.pop("labels")
         logits = forward(**{k: v.to(device) for k, v in batch.items()}).float().cpu()
