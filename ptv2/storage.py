@@ -124,10 +124,25 @@ def delete(location: str) -> None:
 
 def scratch(prefix: str = "ptv2-") -> Path:
     """A new private local folder for work in progress, under $PTV2_SCRATCH (default: the
-    system's temporary folder). Nothing that must outlive the process may stay only here."""
+    system's temporary folder). Nothing that must outlive the process may stay only here.
+    Folders left by processes of this machine that died without cleaning up are removed."""
     root = Path(os.environ.get("PTV2_SCRATCH") or tempfile.gettempdir())
     root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    for old in root.glob(f"{prefix}[0-9]*-*"):
+        pid = old.name.removeprefix(prefix).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def remove_scratch(path: Path) -> None:

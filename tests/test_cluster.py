@@ -1,0 +1,303 @@
+"""A real multi-node cluster on one machine: a Ray head that trains nothing plus worker nodes,
+each its own raylet with its own scratch folder (no shared local folder for job state), an
+S3-compatible object store (moto's server: a real HTTP S3 API) as the jobs' storage, and a real
+`mlflow server` whose artifacts go to that store. `ptv2 submit` a 2-worker ZeRO-3 job whose
+ranks land on different nodes; after its first checkpoint the node of rank 1 is killed; Ray
+restarts the group on a fresh node, it resumes from the object store, the job keeps one MLflow
+run, and the prompt is in the store and in MLflow, where `ptv2 fetch` verifies it.
+
+Only what this module starts is stopped: the cluster's own processes, the two servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.tiny import save_tiny, write_task_data
+
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+BUCKET = "ptv2-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server on 127.0.0.1; the AWS variables point every process here at it."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 request otherwise
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    try:
+        yield boto3.client("s3")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+def _keys(s3, prefix: str) -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/"))
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(s3, tmp_path_factory):
+    d = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{d}/db.sqlite",
+            "--artifacts-destination",
+            f"s3://{BUCKET}/mlflow",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def cluster(s3, tmp_path_factory):
+    """A head with no CPUs (it trains nothing) and two 1-CPU worker nodes, each with its own
+    scratch folder."""
+    from ray.cluster_utils import Cluster
+
+    short = Path("/tmp") / f"ptv2c{os.getpid()}"  # Ray's socket paths must stay short
+    short.mkdir(exist_ok=True)
+    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "PYTHONPATH", "HF_HUB_OFFLINE", "PATH")}
+    # the nodes run jobs with this environment's python, as when `ray start` runs in the venv
+    os.environ.update(
+        RAY_TMPDIR=str(short), PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", PATH=f"{BIN}:{os.environ.get('PATH', '')}"
+    )
+    port = _free_port()
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": port,
+        },
+    )
+    scratch = tmp_path_factory.mktemp("scratch")
+    nodes = {}
+
+    def add(name: str):
+        (scratch / name).mkdir()
+        node = c.add_node(num_cpus=1, env_vars={"PTV2_SCRATCH": str(scratch / name)})
+        nodes[node.node_id] = scratch / name
+        return node
+
+    add("node-a")
+    add("node-b")
+    c.wait_for_nodes()
+    try:
+        yield c, f"http://127.0.0.1:{port}", add, nodes
+    finally:
+        c.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _ptv2(args, cwd: Path, timeout=120):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "PTV2_HOME": str(cwd / "home")}
+    return subprocess.run([str(BIN / "ptv2"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _spec(tmp: Path, tracking_uri: str) -> Path:
+    save_tiny(tmp / "model", "llama", "causal-lm")
+    write_task_data(tmp / "train.jsonl", "causal-lm", n=64)
+    write_task_data(tmp / "dev.jsonl", "causal-lm", n=16, seed=1)
+    spec = {
+        "name": "multinode",
+        "model": {"name_or_path": str(tmp / "model"), "task": "causal-lm"},
+        "prompt": {"length": 4},
+        "data": {"train_file": "train.jsonl", "validation_file": "dev.jsonl", "max_length": 32},
+        "train": {
+            "max_steps": 60,
+            "lr": 0.05,
+            "micro_batch_size": 8,
+            "log_every": 1,
+            "eval_every": 20,
+            "checkpoint_every": 4,
+            "max_failures": 1,
+        },
+        "deepspeed": {"overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
+        "storage": f"s3://{BUCKET}/jobs",
+        "resources": {"workers": 2, "cpus_per_worker": 1},
+        "tracking": {"experiment": "multinode", "tracking_uri": tracking_uri},
+    }
+    path = tmp / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _wait(predicate, timeout: float, what: str, step: float = 0.5, context=lambda: ""):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out waiting for {what}\n{context()}")
+
+
+def test_submit_refuses_what_only_one_machine_reaches(tmp_path, mlflow_server):
+    spec = _spec(tmp_path, mlflow_server)
+    raw = yaml.safe_load(spec.read_text())
+    raw["tracking"].pop("tracking_uri")
+    spec.write_text(yaml.safe_dump(raw))
+    proc = _ptv2(["submit", str(spec), "--address", "http://127.0.0.1:1"], tmp_path)
+    assert proc.returncode == 2 and "tracking.tracking_uri is not set" in proc.stderr
+    proc = _ptv2(["submit", str(spec), "--tracking-uri", "sqlite:///x.db", "--address", "http://127.0.0.1:1"], tmp_path)
+    assert proc.returncode == 2 and "tracking.tracking_uri is sqlite:///x.db" in proc.stderr
+    raw["tracking"]["tracking_uri"] = mlflow_server
+    raw.pop("storage")
+    spec.write_text(yaml.safe_dump(raw))
+    proc = _ptv2(["submit", str(spec), "--address", "http://127.0.0.1:1"], tmp_path)
+    assert proc.returncode == 2 and "storage is not set" in proc.stderr
+
+
+def test_a_job_survives_losing_a_node_and_resumes_from_the_object_store(tmp_path, s3, mlflow_server, cluster):
+    import mlflow
+
+    c, address, add_node, scratch = cluster
+    spec = _spec(tmp_path, mlflow_server)
+    proc = _ptv2(["submit", str(spec), "--address", address], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job_id = proc.stdout.strip().splitlines()[-1]
+    prefix = f"jobs/{job_id}/"
+
+    from ray.job_submission import JobSubmissionClient
+
+    from launcher.cli import _auth_headers
+
+    jobs = JobSubmissionClient(address, headers=_auth_headers())  # in-process: polls must be quick
+    job_logs = lambda: jobs.get_job_logs(job_id)[-6000:]  # noqa: E731
+
+    # rank 1's node, from the job's own log; then the first checkpoint every rank reported
+    def rank1_node():
+        assert not jobs.get_job_status(job_id).is_terminal(), job_logs()
+        found = re.search(r"\[ptv2\] rank 1 on node (\w+)", jobs.get_job_logs(job_id))
+        return found.group(1) if found else None
+
+    node_id = _wait(rank1_node, 180, "the workers to start", step=0.2, context=job_logs)
+
+    def registered():  # Ray Train's own record of the checkpoints every rank reported
+        key = prefix + "checkpoints/checkpoint_manager_snapshot.json"
+        if key not in _keys(s3, key):
+            return False
+        return "step-0000" in s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode()
+
+    _wait(registered, 180, "a registered checkpoint in the object store", step=0.2, context=job_logs)
+    victim = next(n for n in c.worker_nodes if n.node_id == node_id)
+    c.remove_node(victim)
+    add_node("node-c")  # Ray restarts the group here: the head has no CPU for it
+
+    _wait(lambda: jobs.get_job_status(job_id).is_terminal(), 400, "the job to end", step=2, context=job_logs)
+    status = _ptv2(["status", job_id, "--address", address], tmp_path).stdout
+    logs = _ptv2(["logs", job_id, "--address", address], tmp_path).stdout
+    assert "SUCCEEDED" in status, status + logs[-5000:]
+    resumed = re.search(r"resumed from checkpoint step-(\d+) \(step (\d+)\)", logs)
+    assert resumed, logs[-5000:]
+    assert "[ptv2] step 60/60 loss" in logs and "final prompt artifact (step 60)" in logs
+    assert job_id in _ptv2(["jobs", "--address", address], tmp_path).stdout
+
+    # one MLflow run, finished, its losses from step 1 to 40
+    client = mlflow.MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("multinode")
+    [run] = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["ray.job_id"] == job_id
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    assert steps == set(range(1, 61))
+
+    # what was written where: checkpoints (every rank's files) and the prompt in the object store,
+    # MLflow's copy of the prompt in the store behind the server; nothing left on the nodes' disks
+    keys = _keys(s3, prefix)
+    ckpts = sorted({k.split("/")[3] for k in keys if k.startswith(prefix + "checkpoints/step-")})
+    assert ckpts and all(
+        {f"{prefix}checkpoints/{name}/COMPLETE-rank{r}.json" for r in (0, 1)} <= set(keys) for name in ckpts
+    )
+    for r in (0, 1):
+        assert any(
+            re.search(rf"checkpoints/{ckpts[-1]}/ds/zero_pp_rank_{r}_mp_rank_00_optim_states.pt", k) for k in keys
+        )
+    prompt = {k.removeprefix(prefix + "prompt/") for k in keys if k.startswith(prefix + "prompt/")}
+    assert prompt == {"manifest.json", "prompt.safetensors", "trainable.safetensors"}
+    assert any(k.startswith("mlflow/") and k.endswith("prompt/manifest.json") for k in _keys(s3, "mlflow/"))
+    for node, folder in scratch.items():  # a killed node's process could not clean up: its disk is gone anyway
+        assert node == node_id or list(folder.iterdir()) == [], f"left on a node's disk: {list(folder.iterdir())}"
+    assert not (tmp_path / "home" / "runs").exists()
+
+    # fetched through the server, verified, and the same bytes as the store's copy
+    out = tmp_path / "fetched"
+    proc = _ptv2(["fetch", run.info.run_id, "--out", str(out), "--tracking-uri", mlflow_server], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name in ("prompt.safetensors", "trainable.safetensors"):
+        body = s3.get_object(Bucket=BUCKET, Key=f"{prefix}prompt/{name}")["Body"].read()
+        assert (out / name).read_bytes() == body
+        assert manifest["files"][name]
