@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -37,6 +38,7 @@ FORMAT = "ptv2-prompt/1"
 MANIFEST = "manifest.json"
 FOLDED = "prompt.safetensors"
 RAW = "trainable.safetensors"
+FILES = (FOLDED, RAW)  # every file an artifact holds besides the manifest, by bare name
 PREFIX_LAYOUT = "[length, layers*2*kv_heads*head_dim], last dim ordered (layer, key|value, kv_head, head_dim)"
 
 
@@ -149,7 +151,7 @@ def save_prompt(
                 "fingerprint": base_fingerprint,
             },
             "tensors": {FOLDED: _describe(folded), RAW: _describe(raw)},
-            "files": {name: sha256_file(tmp / name) for name in (FOLDED, RAW)},
+            "files": {name: sha256_file(tmp / name) for name in FILES},
             "versions": _versions(),
             **({"extra": extra} if extra else {}),
         }
@@ -170,7 +172,8 @@ def read_manifest(prompt_dir: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise ArtifactError(f"{path}: format {got!r} is not {FORMAT!r}")
-    for name, digest in manifest["files"].items():
+    files = _checked_files(path, manifest)
+    for name, digest in files.items():
         f = d / name
         if not f.is_file():
             raise ArtifactError(f"{f} is missing")
@@ -190,6 +193,30 @@ def read_manifest(prompt_dir: str | Path) -> dict:
             diff = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
             raise ArtifactError(f"{f}: tensors differ from the manifest at {', '.join(diff[:5])}")
     return manifest
+
+
+def _checked_files(path: Path, manifest: dict) -> dict[str, str]:
+    """`manifest["files"]`, refused unless it lists exactly the format's files by bare name with
+    a sha256 each: a crafted name ("../../etc/passwd", an absolute path) must never be opened."""
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise ArtifactError(f"{path}: 'files' must map file names to sha256 digests")
+    unknown = sorted(str(name) for name in files if name not in FILES)
+    if unknown:
+        raise ArtifactError(
+            f"{path}: 'files' names {', '.join(repr(n) for n in unknown[:3])}; an artifact holds only "
+            f"{' and '.join(FILES)} (bare names, in its own folder)"
+        )
+    missing = [name for name in FILES if name not in files]
+    if missing:
+        raise ArtifactError(f"{path}: 'files' lacks {', '.join(missing)} (every file must have a checksum)")
+    bad = [n for n, digest in files.items() if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest))]
+    if bad:
+        raise ArtifactError(f"{path}: 'files' gives no sha256 hex digest for {', '.join(bad)}")
+    tensors = manifest.get("tensors")
+    if not isinstance(tensors, dict) or any(not isinstance(tensors.get(name), dict) for name in FILES):
+        raise ArtifactError(f"{path}: 'tensors' must describe the tensors of {' and '.join(FILES)}")
+    return files
 
 
 _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64"}

@@ -171,3 +171,36 @@ def test_existing_folder_is_not_overwritten_and_nothing_half_written(tmp_path, s
         save_prompt(model, tmp_path / "new", base_name_or_path="x", extra={"bad": object()})
     assert not (tmp_path / "new").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize(
+    "files,message",
+    [
+        ({"../../etc/passwd": "0" * 64}, r"names '\.\./\.\./etc/passwd'; an artifact holds only"),
+        ({"/etc/passwd": "0" * 64}, r"names '/etc/passwd'"),
+        ({f"sub/{FOLDED}": "0" * 64}, rf"names 'sub/{FOLDED}'"),
+        ({f"./{FOLDED}": "0" * 64}, rf"names './{FOLDED}'"),
+        ({"..": "0" * 64}, r"names '\.\.'"),
+        ({"notes.txt": "0" * 64}, r"names 'notes.txt'"),
+        ("prompt.safetensors", "'files' must map file names"),
+        ({FOLDED: "0" * 64}, rf"'files' lacks {RAW}"),
+        ({FOLDED: "0" * 64, RAW: 5}, rf"no sha256 hex digest for {RAW}"),
+    ],
+    ids=["parent", "absolute", "subfolder", "dot-slash", "dotdot", "unknown", "not-a-mapping", "missing", "digest"],
+)
+def test_crafted_manifest_file_names_are_refused_before_any_file_is_read(saved, monkeypatch, files, message):
+    """Only the format's own files, by bare name, each with a checksum: a crafted manifest can
+    neither make loading hash a path outside the artifact nor skip a file's checksum."""
+    from ptv2 import artifact
+
+    _, path = saved
+    m = json.loads((path / MANIFEST).read_text())
+    m["files"] = files
+    (path / MANIFEST).write_text(json.dumps(m))
+    opened = []
+    monkeypatch.setattr(artifact, "sha256_file", lambda p: opened.append(p) or "0" * 64)
+    with pytest.raises(ArtifactError, match=message):
+        read_manifest(path)
+    with pytest.raises(ArtifactError, match=message):
+        load_prompt(path, tiny_model("llama"), trainable=True)
+    assert opened == []

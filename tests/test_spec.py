@@ -104,7 +104,7 @@ CASES = [
     ("method-unknown", with_("prompt.method", "lora"), "prompt.method", "'ptv2' or 'prompt-tuning'"),
     ("dropout", with_("prompt.dropout", 2), "prompt.dropout", "less than 1"),
     ("projection-zero", with_("prompt.projection", 0), "prompt.projection", "greater than 0"),
-    ("task-unknown", with_("model.task", "summarize"), "model.task", "(got \"summarize\")"),
+    ("task-unknown", with_("model.task", "summarize"), "model.task", '(got "summarize")'),
     ("labels-missing", with_("model.labels", DELETE), "model.labels", "task seq-cls needs at least 2 labels"),
     ("labels-duplicate", with_("model.labels", ["a", "a"]), "model.labels", "labels must be unique"),
     (
