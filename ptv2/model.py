@@ -114,6 +114,29 @@ def head_parameter_names(base: PreTrainedModel, extra: Sequence[str] = ()) -> li
     return names
 
 
+def vocab_init_ids(tokenizer) -> torch.Tensor:
+    """The ids init "vocab" should draw from: every token of `tokenizer` but its special ones
+    (padding, BOS/EOS, chat markers carry no meaning a prompt should start from)."""
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    ids = torch.arange(len(tokenizer))
+    return ids[~torch.isin(ids, special)]
+
+
+def _init_vocab(base: PreTrainedModel, vocab: int | Sequence[int] | torch.Tensor | None) -> torch.Tensor:
+    rows = base.get_input_embeddings().num_embeddings
+    if vocab is None:
+        vocab = getattr(base.config, "vocab_size", None) or rows
+    if isinstance(vocab, int):
+        return torch.arange(min(vocab, rows))
+    ids = torch.as_tensor(vocab, dtype=torch.long).flatten()
+    if ids.numel() and ids.min() < 0:
+        raise ValueError(f"init_vocab holds a negative token id ({int(ids.min())})")
+    ids = ids[ids < rows]  # a token without an embedding row cannot start a prompt
+    if ids.numel() == 0:
+        raise ValueError(f"init_vocab holds no token id below the {rows} embedding rows to initialise the prompt from")
+    return ids
+
+
 class PromptedModel(nn.Module):
     """`base` (frozen) + a trainable prompt + an optional trainable task head."""
 
@@ -124,7 +147,12 @@ class PromptedModel(nn.Module):
         task: str,
         trainable_head: Sequence[str] | None = None,
         train_base: bool = False,
+        init_vocab: int | Sequence[int] | torch.Tensor | None = None,
     ) -> None:
+        """`init_vocab`: the token ids init "vocab" draws from: a vocabulary size (ids below it),
+        the allowed ids themselves (`vocab_init_ids(tokenizer)`: the tokenizer's vocabulary less
+        its special tokens), or None for `config.vocab_size`. Always capped by the embedding rows,
+        which checkpoints often pad beyond the vocabulary (rows no token uses)."""
         super().__init__()
         check_task(task)
         self.base = base
@@ -151,8 +179,9 @@ class PromptedModel(nn.Module):
         if isinstance(self.prompt, PromptEmbedding) and "inputs_embeds" not in params:
             raise ValueError(f"{type(base).__name__} takes no inputs_embeds: prompt-tuning needs them")
         if self.prompt is not None and prompt.resolved_init(g.kind) == "vocab":
+            allowed = _init_vocab(base, init_vocab)
             # every rank draws the same ids (the loop seeds all ranks alike)
-            self.init_prompt_from_tokens(torch.randint(0, base.get_input_embeddings().num_embeddings, (prompt.length,)))
+            self.init_prompt_from_tokens(allowed[torch.randint(0, len(allowed), (prompt.length,))])
         # init "text" needs the training data: the loop calls init_prompt_from_tokens itself
 
     @torch.no_grad()
