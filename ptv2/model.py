@@ -25,7 +25,7 @@ from transformers import (
     DynamicCache,
     PreTrainedModel,
 )
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 
 from ptv2.prefix import (
     Geometry,
@@ -289,11 +289,41 @@ class PromptedModel(nn.Module):
     ):
         if self.task == "causal-lm" and labels is not None and self.training and not kwargs:
             return self._response_only_loss(input_ids, attention_mask, token_type_ids, labels)
+        if self.task == "seq-cls" and self.geometry.kind == "decoder":
+            return self._last_token_classification(input_ids, attention_mask, token_type_ids, labels, **kwargs)
         inputs = self.prepare(input_ids, attention_mask, token_type_ids, labels)
         out = self.base(**inputs, use_cache=False, **kwargs)
         if isinstance(self.prompt, PromptEmbedding) and self.task != "seq-cls":
             out.logits = out.logits[:, self.prompt_length :]  # callers see one row per token
         return out
+
+    def _last_token_classification(
+        self, input_ids, attention_mask, token_type_ids, labels, **kwargs
+    ) -> SequenceClassifierOutputWithPast:
+        """A decoder classifies from its last real token, found from the attention mask.
+
+        HF's decoder classifiers look for the last token that is not `pad_token_id` in
+        `input_ids`: with prompt tuning there are no input_ids (inputs_embeds), so they read
+        position -1, a pad under right padding; and a real token equal to the pad id (GPT-2 and
+        Llama-3 pad with EOS) or a config without a pad id defeats the search too. The mask
+        knows, whatever the padding side."""
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        inputs = self.prepare(input_ids, attention_mask, token_type_ids)
+        out = self.base.base_model(**inputs, use_cache=False, **kwargs)
+        positions = torch.arange(length, device=attention_mask.device)
+        last = (positions * attention_mask.bool()).argmax(-1)
+        if isinstance(self.prompt, PromptEmbedding):
+            last = last + self.prompt_length  # the hidden states include the prompt's positions
+        rows = torch.arange(batch, device=last.device)
+        logits = self.base.score(out.last_hidden_state[rows, last.to(out.last_hidden_state.device)])
+        loss = None
+        if labels is not None:
+            loss = self.base.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.base.config)
+        return SequenceClassifierOutputWithPast(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+        )
 
     def _response_only_loss(self, input_ids, attention_mask, token_type_ids, labels) -> CausalLMOutputWithPast:
         """Training loss of a causal LM with the LM head applied only where a label exists.
