@@ -1,7 +1,8 @@
 """The prompt artifact: what a training run produces and what inference loads.
 
     DIR/manifest.json         method, length, task, labels, geometry, base fingerprint, every
-                              tensor's shape and dtype, sha256 of each file, library versions
+                              tensor's shape and dtype, sha256 of each file, library versions,
+                              the data layout (prompt template, max length) inference reuses
     DIR/prompt.safetensors    folded prompt ("prompt.embedding.weight") + task head ("head.<param>"):
                               everything inference needs, no MLP
     DIR/trainable.safetensors raw trainable state ("prompt.<key>", "head.<param>"): resumes training
@@ -125,11 +126,16 @@ def save_prompt(
     tensors: tuple[dict, dict] | None = None,
     extra: dict | None = None,
     overwrite: bool = False,
+    template: str | None = None,
+    max_length: int | None = None,
 ) -> Path:
     """Write the artifact of `model` to `out_dir` atomically and return its path.
 
     `base_fingerprint` and `tensors` may be computed beforehand (collectively, under ZeRO-3);
-    otherwise they are taken from `model` here."""
+    otherwise they are taken from `model` here. `template` (the job's data.prompt_template) and
+    `max_length` (data.max_length) go to the manifest's "data": inference lays its inputs out and
+    truncates them as training did."""
+    _check_data_settings(Path(out_dir), {"prompt_template": template, "max_length": max_length})
     folded, raw = tensors if tensors is not None else collect_tensors(model)
     if base_fingerprint is None:
         base_fingerprint = fp.fingerprint(model.base, model.base.config, exclude=model.head_names)
@@ -144,6 +150,7 @@ def save_prompt(
             "prompt": model.prompt_config.to_dict(),
             "prefix_layout": PREFIX_LAYOUT if model.prompt_config.method == "ptv2" else "[length, hidden]",
             "head": list(model.head_names),
+            "data": {"prompt_template": template, "max_length": max_length},
             "base_model": {
                 "name_or_path": str(base_name_or_path),
                 "architecture": type(model.base).__name__,
@@ -157,6 +164,17 @@ def save_prompt(
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return Path(out_dir)
+
+
+def _check_data_settings(where: Path, data: object) -> dict:
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{where}: 'data' must be a mapping, not {type(data).__name__}")
+    template, max_length = data.get("prompt_template"), data.get("max_length")
+    if template is not None and not (isinstance(template, str) and "{prompt}" in template):
+        raise ArtifactError(f"{where}: data.prompt_template must be a string containing {{prompt}}, got {template!r}")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise ArtifactError(f"{where}: data.max_length must be a positive integer, got {max_length!r}")
+    return {"prompt_template": template, "max_length": max_length}
 
 
 def read_manifest(prompt_dir: str | Path) -> dict:
@@ -265,6 +283,9 @@ def load_prompt(prompt_dir: str | Path, base, *, trainable: bool = False) -> Pro
         prompt_cfg = PromptConfig(method=prompt_cfg.method, length=prompt_cfg.length, init="normal")
     model = PromptedModel(base, prompt_cfg, manifest["task"], trainable_head=manifest["head"])
     load_tensors(model, d / (RAW if trainable else FOLDED))
+    # artifacts written before the manifest had "data" have neither
+    data = _check_data_settings(d / MANIFEST, manifest.get("data") or {})
+    model.prompt_template, model.max_length = data["prompt_template"], data["max_length"]
     return model
 
 

@@ -166,6 +166,9 @@ class PromptedModel(nn.Module):
                 f"{g.max_positions} positions"
             )
         self.prompt = build_prompt_module(prompt, g)
+        # how the training data was laid out, for inference (set by load_prompt from the manifest)
+        self.prompt_template: str | None = None
+        self.max_length: int | None = None
         self.head_names = list(trainable_head if trainable_head is not None else head_parameter_names(base))
         heads = set(self.head_names)
         # Full fine-tuning (`train_base`) exists only as a baseline for the quality benchmark.

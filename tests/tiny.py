@@ -98,15 +98,17 @@ def tiny_model(arch: str, task: str = "causal-lm", labels=None, seed: int = 0):
     return model.eval()
 
 
-def tiny_tokenizer():
-    """A word-level tokenizer over the tiny vocabulary: "w0".."w92" plus [PAD] [UNK] [EOS]."""
+def tiny_tokenizer(pad: bool = True):
+    """A word-level tokenizer over the tiny vocabulary: "w0".."w92" plus [PAD] [UNK] [EOS].
+    `pad=False`: no pad token, like GPT-2, Llama-3 and Mistral ([PAD] stays an ordinary token)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{f"w{i}": i + 3 for i in range(VOCAB - 3)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+    special = {"pad_token": "[PAD]"} if pad else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]", **special)
 
 
 def save_tiny(path, arch: str, task: str = "causal-lm", labels=None, seed: int = 0):
