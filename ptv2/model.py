@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast
+from transformers.utils import ModelOutput
 
 from ptv2.prefix import (
     Geometry,
@@ -112,6 +114,16 @@ def head_parameter_names(base: PreTrainedModel, extra: Sequence[str] = ()) -> li
         if top in HEAD_MODULES or name in extra:
             names.append(name)
     return names
+
+
+@dataclass
+class LabelledTokenStats(ModelOutput):
+    """Sums over the labelled next tokens of a causal-LM batch (PromptedModel.forward with
+    `labelled_stats=True`); a ModelOutput, so DeepSpeed's engine passes it through."""
+
+    loss_sum: torch.Tensor | None = None
+    count: torch.Tensor | None = None
+    correct: torch.Tensor | None = None
 
 
 def vocab_init_ids(tokenizer) -> torch.Tensor:
@@ -288,8 +300,14 @@ class PromptedModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        labelled_stats: bool = False,
         **kwargs,
     ):
+        """HF's output with the prompt in place. `labelled_stats=True` (causal-lm, with labels;
+        evaluation) returns `LabelledTokenStats` instead: loss sum, count and correct argmax over
+        the labelled next tokens, with the LM head applied there only."""
+        if labelled_stats:
+            return self._labelled_token_stats(input_ids, attention_mask, token_type_ids, labels)
         if self.task == "causal-lm" and labels is not None and self.training and not kwargs:
             return self._response_only_loss(input_ids, attention_mask, token_type_ids, labels)
         if self.task == "seq-cls" and self.geometry.kind == "decoder":
@@ -328,20 +346,39 @@ class PromptedModel(nn.Module):
             loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
         )
 
+    def _labelled_logits(self, input_ids, attention_mask, token_type_ids, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token logits [N, vocab] at the N positions whose next token has a label, and those
+        labels [N]: the LM head is applied there only."""
+        if self.task != "causal-lm" or labels is None:
+            raise ValueError(f"labelled-token logits need a causal-lm prompt and labels (task {self.task})")
+        inputs = self.prepare(input_ids, attention_mask, token_type_ids, labels)
+        labels = inputs.pop("labels")
+        hidden = self.base.base_model(**inputs, use_cache=False).last_hidden_state
+        target = labels[:, 1:]
+        keep = target != IGNORE_INDEX
+        return self.base.get_output_embeddings()(hidden[:, :-1][keep]), target[keep]
+
     def _response_only_loss(self, input_ids, attention_mask, token_type_ids, labels) -> CausalLMOutputWithPast:
         """Training loss of a causal LM with the LM head applied only where a label exists.
 
         Supervised prompts put the loss on the response alone, so projecting every prompt
         position onto the vocabulary (the largest matrix of a small model) is wasted work; the
         loss equals HF's (mean cross-entropy over labelled next tokens)."""
-        inputs = self.prepare(input_ids, attention_mask, token_type_ids, labels)
-        labels = inputs.pop("labels")
-        hidden = self.base.base_model(**inputs, use_cache=False).last_hidden_state
-        target = labels[:, 1:]
-        keep = target != IGNORE_INDEX
-        logits = self.base.get_output_embeddings()(hidden[:, :-1][keep])
-        loss = F.cross_entropy(logits.float(), target[keep], reduction="sum") / keep.sum().clamp(min=1)
+        logits, target = self._labelled_logits(input_ids, attention_mask, token_type_ids, labels)
+        loss = F.cross_entropy(logits.float(), target, reduction="sum") / max(len(target), 1)
         return CausalLMOutputWithPast(loss=loss, logits=None)
+
+    def _labelled_token_stats(self, input_ids, attention_mask, token_type_ids, labels) -> LabelledTokenStats:
+        """Evaluation sums over the labelled next tokens, on the model's device: a full
+        [batch, length, vocab] logits tensor (~1 GB per batch at a 128k vocabulary) is never
+        built, nor copied to the CPU."""
+        logits, target = self._labelled_logits(input_ids, attention_mask, token_type_ids, labels)
+        logits = logits.float()
+        return LabelledTokenStats(
+            loss_sum=F.cross_entropy(logits, target, reduction="sum"),
+            count=torch.tensor(len(target), device=target.device),
+            correct=(logits.argmax(-1) == target).sum(),
+        )
 
     @torch.no_grad()
     def generate(

@@ -159,6 +159,68 @@ def test_evaluation_counts_each_example_once():
     assert summed[1] == 5 and summed[2] == 2  # 5 examples, 2 of class 1 correct
 
 
+def _over_ranks(world: int, run) -> list[float]:
+    """Run `run(rank)` (an evaluate call) for every rank with all_sum replaced by a sum over them."""
+    import ptv2.evaluate as ev
+
+    totals = []
+    orig = ev.all_sum
+    ev.all_sum = lambda values, device: totals.append(values) or values
+    try:
+        for rank in range(world):
+            run(rank)
+    finally:
+        ev.all_sum = orig
+    return [sum(col) for col in zip(*totals, strict=True)]
+
+
+@pytest.mark.parametrize("method", ["ptv2", "prompt-tuning"])
+@torch.no_grad()
+def test_causal_lm_eval_scores_labelled_tokens_on_the_device_as_from_full_logits(method):
+    """Loss and accuracy from the labelled positions only (from `forward`'s logits, or with the LM
+    head applied there alone through `labelled_stats`) equal those of the full logits over every
+    position, copied to the CPU as before; over 2 ranks, the padded repeat excluded."""
+    import torch.nn.functional as F
+
+    from ptv2.model import PromptedModel
+    from ptv2.prefix import PromptConfig
+    from tests.helpers import randomize_prompt
+    from tests.tiny import tiny_model
+
+    model = PromptedModel(tiny_model("llama"), PromptConfig(method=method, length=3), "causal-lm").eval()
+    randomize_prompt(model, scale=0.5)
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for n in (5, 9, 3, 7, 8):  # odd count: rank 1 pads with a repeat
+        ids = torch.randint(3, 96, (n,), generator=g).tolist()
+        cut = n // 2
+        examples.append({"input_ids": ids, "attention_mask": [1] * n, "labels": [IGNORE_INDEX] * cut + ids[cut:]})
+
+    loss_sum = correct = count = 0.0  # the reference: every example alone, full logits on the CPU
+    for ex in examples:
+        logits = model(torch.tensor([ex["input_ids"]])).logits[0, :-1].float().cpu()
+        gold = torch.tensor(ex["labels"][1:])
+        keep = gold != IGNORE_INDEX
+        loss_sum += F.cross_entropy(logits[keep], gold[keep], reduction="sum").item()
+        correct += (logits[keep].argmax(-1) == gold[keep]).sum().item()
+        count += keep.sum().item()
+
+    head_rows = []
+    hook = model.base.lm_head.register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape[:-1].numel()))
+    cpu = torch.device("cpu")
+    forward = lambda **b: model(**b).logits  # noqa: E731
+    labelled = lambda **b: model(**b, labelled_stats=True)  # noqa: E731
+    for kwargs in ({}, {"labelled": labelled}):
+        head_rows.clear()
+        s = _over_ranks(2, lambda r: evaluate(forward, examples, "causal-lm", None, 2, 0, r, 2, cpu, **kwargs))  # noqa: B023
+        assert s[1] == s[3] == count
+        assert s[0] / s[1] == pytest.approx(loss_sum / count, abs=1e-6, rel=1e-6)
+        assert s[2] == correct
+        if kwargs:  # the LM head saw only the labelled positions (the padded repeat has none)
+            assert sum(head_rows) == count
+    hook.remove()
+
+
 def test_schedule_warms_up_then_decays():
     f = lr_lambda("linear", warmup=4, total=14)
     assert [round(f(s), 2) for s in (0, 3, 4, 9, 14)] == [0.25, 1.0, 1.0, 0.5, 0.0]
