@@ -21,16 +21,14 @@ if TYPE_CHECKING:
 
 
 def entity_spans(tags: Sequence[str]) -> set[tuple[str, int, int]]:
-    """(type, start, end) of every BIO entity; an I- tag without a matching B- starts one."""
-    spans, kind, start = set(), None, 0
-    for i, tag in enumerate([*tags, "O"]):
-        prefix, _, typ = tag.partition("-")
-        if kind is not None and (prefix != "I" or typ != kind):
-            spans.add((kind, start, i))
-            kind = None
-        if prefix == "B" or (prefix == "I" and kind is None):
-            kind, start = typ, i
-    return spans
+    """(type, start, end) of every entity in BIO `tags` (end exclusive), chunked by seqeval, the
+    scorer NER results are reported with, in its default mode: conlleval's rules, so an I- tag
+    that does not continue an entity of its type starts one (strict IOB2 would drop it, while
+    the CoNLL and WNUT shared tasks scored with conlleval). Returned as spans, not a score, so
+    each rank counts true positives, predicted and gold entities, and one all-reduce adds them."""
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    return {(kind, start, end + 1) for kind, start, end in get_entities(list(tags))}
 
 
 def shard(n: int, rank: int, world: int) -> list[tuple[int, bool]]:

@@ -221,6 +221,65 @@ def test_causal_lm_eval_scores_labelled_tokens_on_the_device_as_from_full_logits
     hook.remove()
 
 
+# (gold, predicted) tags per sentence: well-formed BIO, I- without B-, type changes inside an
+# entity, entities at both ends, sentences without entities, a sub-token position (None) that
+# evaluation ignores, and IOBES single (S-) and end (E-) tags.
+NER = [
+    (["B-per", "I-per", "O", "B-loc"], ["B-per", "I-per", "O", "B-loc"]),
+    (["B-per", "I-per", "I-per", "O"], ["B-per", "I-per", "O", "O"]),
+    (["O", "I-org", "I-org", "O"], ["O", "B-org", "I-org", "O"]),
+    (["B-loc", "I-loc", "B-loc", "O"], ["B-loc", "I-per", "B-loc", "O"]),
+    (["O", "O", "O"], ["B-misc", "O", "I-misc"]),
+    (["B-org", None, "I-org", "O", "B-per"], ["B-org", "O", "I-org", "O", "I-per"]),
+    (["O", "O"], ["O", "O"]),
+    (["B-misc", "I-misc", "I-misc", "I-misc", "B-misc"], ["I-misc", "I-misc", "B-misc", "I-misc", "B-misc"]),
+    (["S-per", "O", "B-loc", "E-loc"], ["S-per", "O", "B-loc", "I-loc"]),  # IOBES tags, as conlleval reads them
+]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_entity_scores_across_ranks_equal_seqeval(world):
+    """Entity precision/recall/F1 summed over ranks equal seqeval's micro scores (default mode)
+    over the same sentences, whatever the number of ranks (and padded repeats)."""
+    from seqeval.metrics import f1_score, precision_score, recall_score
+
+    names = ["O", "B-per", "I-per", "B-loc", "I-loc", "B-org", "I-org", "B-misc", "I-misc", "S-per", "E-loc"]
+    examples, preds = [], []
+    for i, (gold, pred) in enumerate(NER):
+        ids = [10 + i] * len(gold)  # the first id tells the fake model which sentence it reads
+        labels = [IGNORE_INDEX if t is None else names.index(t) for t in gold]
+        examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+        preds.append([names.index(t) for t in pred])
+
+    def forward(input_ids, attention_mask):  # logits whose argmax is the sentence's prediction
+        out = torch.zeros(*input_ids.shape, len(names))
+        for b, row in enumerate(input_ids):
+            out[b, torch.arange(len(preds[row[0] - 10])), torch.tensor(preds[row[0] - 10])] = 1.0
+        return out
+
+    import ptv2.evaluate as ev
+
+    def run(rank: int) -> dict[str, float]:
+        return evaluate(forward, examples, "token-cls", names, 3, 0, rank, world, torch.device("cpu"))
+
+    orig, per_rank = ev.all_sum, []
+    try:
+        ev.all_sum = lambda values, device: per_rank.append(values) or values
+        for rank in range(world):
+            run(rank)
+        summed = [sum(col) for col in zip(*per_rank, strict=True)]
+        ev.all_sum = lambda values, device: summed  # what the all-reduce hands every rank
+        metrics = run(0)
+    finally:
+        ev.all_sum = orig
+    gold_tags = [[t for t in g if t is not None] for g, _ in NER]
+    pred_tags = [[p for g, p in zip(gold, pred, strict=True) if g is not None] for gold, pred in NER]
+    assert metrics["entity_precision"] == pytest.approx(precision_score(gold_tags, pred_tags), abs=1e-12)
+    assert metrics["entity_recall"] == pytest.approx(recall_score(gold_tags, pred_tags), abs=1e-12)
+    assert metrics["entity_f1"] == pytest.approx(f1_score(gold_tags, pred_tags), abs=1e-12)
+    assert 0 < metrics["entity_f1"] < 1
+
+
 def test_schedule_warms_up_then_decays():
     f = lr_lambda("linear", warmup=4, total=14)
     assert [round(f(s), 2) for s in (0, 3, 4, 9, 14)] == [0.25, 1.0, 1.0, 0.5, 0.0]
