@@ -78,7 +78,7 @@ def test_the_checkout_finds_the_configs_through_the_package_link():
 
 def test_no_file_cites_notes_that_are_not_in_the_repository():
     """Code and documents cite public sources (papers, upstream repositories), not private notes."""
-    notes = ["STACK" + ".md", "REFERENCE" + ".md", "MODELS_AND_DATA", "shared/" + "notes"]
+    notes = ["STACK" + ".md", "REFERENCE" + ".md", "MODELS_AND" + "_DATA", "shared/" + "notes"]
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     hits = []
     for name in tracked:
