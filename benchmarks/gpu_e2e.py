@@ -94,7 +94,7 @@ def prepare(work: Path, args, dtype: str) -> tuple[Path, int]:
             # every parameter partitioned (gathered by hooks), as on a real multi-GPU run
             "overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
         },
-        "output_dir": "out",
+        "storage": "out",
     }
     path = work / "job.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -132,17 +132,25 @@ def reload_eval(job_path: Path, device: str, dtype: str, batch: int) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ptv2.artifact import load_prompt
-    from ptv2.data import load_examples
+    from ptv2.data import collator, load_examples
     from ptv2.evaluate import evaluate
     from ptv2.train import load_job
 
     job = load_job(job_path)
     tok = AutoTokenizer.from_pretrained(job.model.name_or_path)
     base = AutoModelForCausalLM.from_pretrained(job.model.name_or_path, dtype=getattr(torch, dtype))
-    model = load_prompt(Path(job.output_dir) / "prompt", base).to(device).eval()
+    model = load_prompt(Path(job.storage) / "prompt", base).to(device).eval()
     examples = load_examples(job.data.validation_file, job.data, "causal-lm", None, tok)
     metrics = evaluate(
-        lambda **b: model(**b).logits, examples, "causal-lm", None, batch, tok.pad_token_id, 0, 1, torch.device(device)
+        lambda **b: model(**b).logits,
+        examples,
+        "causal-lm",
+        None,
+        batch,
+        collator(tok, "causal-lm"),
+        0,
+        1,
+        torch.device(device),
     )
     return metrics["loss"]
 

@@ -191,7 +191,7 @@ def generation(
 
     from launcher.prompts import fetch
     from ptv2.artifact import load_prompt
-    from ptv2.data import load_examples
+    from ptv2.data import collator, load_examples
     from ptv2.evaluate import evaluate
     from ptv2.infer import generate
     from ptv2.model import PromptedModel, load_base_model
@@ -207,7 +207,15 @@ def generation(
 
     def score(model) -> dict:
         loss = evaluate(
-            lambda **b: model(**b).logits, test_ex, "causal-lm", None, 16, tok.eos_token_id, 0, 1, torch.device("cpu")
+            lambda **b: model(**b).logits,
+            test_ex,
+            "causal-lm",
+            None,
+            16,
+            collator(tok, "causal-lm"),
+            0,
+            1,
+            torch.device("cpu"),
         )["loss"]
         outs = generate(model, tok, [template.replace("{prompt}", r["prompt"]) for r in rows], max_new_tokens=24)
         em = sum(o.strip() == r["response"].strip() for o, r in zip(outs, rows, strict=True)) / len(rows)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -21,6 +22,7 @@ import typer
 import yaml
 
 from launcher.spec import SpecError, json_schema, load_spec
+from ptv2 import storage
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="P-Tuning v2 training service: specs, Ray jobs, prompts."
@@ -59,19 +61,28 @@ def schema() -> None:
     typer.echo(json.dumps(json_schema(), indent=2))
 
 
+ResumeOpt = typer.Option(None, "--resume", metavar="JOB_ID", help="continue JOB_ID from its newest checkpoint")
+
+
 @app.command()
-def run(spec: Path = SpecArg) -> None:
+def run(spec: Path = SpecArg, resume: str = ResumeOpt) -> None:
     """Train SPEC on an embedded local Ray (workers as in resources) and record it in MLflow."""
     s = _spec(spec)
-    from launcher.runner import run_spec
+    from launcher.runner import JobFailed, JobStopped, run_spec
 
-    summary = run_spec(s, spec.read_text())
+    try:
+        summary = run_spec(s, spec.read_text(), job_id=resume, resume=resume is not None)
+    except JobFailed as e:
+        fail(str(e), code=1)
+    except JobStopped:
+        fail("stopped (the MLflow run is marked KILLED; continue it with --resume JOB_ID)", code=130)
     typer.echo("")
     typer.echo(f"job:       {summary.job_id}")
     typer.echo(f"run id:    {summary.run_id}")
     typer.echo(f"tracking:  {summary.tracking_uri}")
     typer.echo("metrics:   " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary.metrics.items())))
     typer.echo(f"trainable: {summary.trainable}")
+    typer.echo(f"storage:   {summary.storage}")
     typer.echo(f"prompt:    {summary.artifact}")
     typer.echo(f"MLflow UI: ptv2 ui    (or: mlflow ui --backend-store-uri {summary.tracking_uri})")
     typer.echo(f"fetch:     ptv2 fetch {summary.run_id} --out ./prompt")
@@ -97,15 +108,16 @@ def _client(address: str):
         fail(f"cannot reach the Ray Jobs API at {address}: {str(e).splitlines()[0][:300]}", code=1)
 
 
-def package(spec_path: Path, out: Path) -> str:
-    """Copy the spec and the data files it names into `out` (the job's working dir) and return
-    the spec's name there. The model is loaded on the cluster from `model.name_or_path`."""
-    s = load_spec(spec_path)
+def package(spec_path: Path, out: Path, overrides: dict | None = None) -> str:
+    """Copy the spec and the local data files it names into `out` (the job's working dir) and
+    return the spec's name there. Data given as storage URIs and the model are read on the
+    cluster. `overrides` (section -> values) are written into the shipped spec."""
+    s = load_spec(spec_path, model_on_cluster=True)
     raw = yaml.safe_load(spec_path.read_text())
     (out / "data").mkdir(parents=True)
     for key in ("train_file", "validation_file", "test_file"):
         value = getattr(s.data, key)
-        if value:
+        if value and not storage.is_uri(value):
             dest = out / "data" / f"{key}{Path(value).suffix}"
             shutil.copy2(value, dest)
             raw["data"][key] = f"data/{dest.name}"
@@ -113,42 +125,105 @@ def package(spec_path: Path, out: Path) -> str:
     if Path(s.deepspeed.config).is_absolute():
         shutil.copy2(s.deepspeed.config, out / "deepspeed.json")
         raw.setdefault("deepspeed", {})["config"] = "deepspeed.json"
+    for section, values in (overrides or {}).items():
+        if isinstance(values, dict):
+            raw.setdefault(section, {}).update(values)
+        else:
+            raw[section] = values
     (out / "spec.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     return "spec.yaml"
+
+
+def cluster_ready(s) -> None:
+    """Refuse, in one line, what would work on one machine only: a tracking store or a storage
+    folder that the cluster's other nodes cannot reach."""
+    uri = s.tracking.tracking_uri
+    if not uri or not uri.startswith(("http://", "https://", "databricks")):
+        fail(
+            f"tracking.tracking_uri is {uri or 'not set (the local store)'}: a cluster job logs to an MLflow "
+            "server every node reaches; set it in the spec or pass --tracking-uri http://HOST:5000"
+        )
+    if not s.storage:
+        fail(
+            "storage is not set: a cluster job keeps checkpoints and prompts where every node reaches them; "
+            "set it in the spec or pass --storage s3://BUCKET/PREFIX (or a shared path)"
+        )
+
+
+def _env_pairs(pairs: list[str] | None) -> dict[str, str]:
+    env = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            fail(f"--env {pair!r}: expected KEY=VALUE")
+        env[key] = value
+    return env
 
 
 @app.command()
 def submit(
     spec: Path = SpecArg,
     address: str = AddressOpt,
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow server the job logs to (overrides the spec)"),
+    storage_uri: str = typer.Option(
+        None,
+        "--storage",
+        help="where the job keeps checkpoints and prompts: s3://… or a shared path (overrides the spec)",
+    ),
+    env: list[str] = typer.Option(
+        None, "--env", help="KEY=VALUE for the job's processes (repeatable); nothing else is forwarded"
+    ),
+    resume: str = ResumeOpt,
     wait: bool = typer.Option(False, help="follow the logs until the job ends"),
 ) -> None:
-    """Submit SPEC to a Ray cluster through the Ray Jobs API (ships the spec and its data)."""
-    s = _spec(spec)
+    """Submit SPEC to a Ray cluster through the Ray Jobs API (ships the spec and its local data)."""
     from launcher.runner import new_job_id, worker_env
 
+    overrides: dict = {}
+    if tracking_uri:
+        overrides["tracking"] = {"tracking_uri": tracking_uri}
+    if storage_uri:
+        overrides["storage"] = storage_uri if storage.is_uri(storage_uri) else os.path.abspath(storage_uri)
+    try:
+        s = load_spec(spec, model_on_cluster=True)
+        s = s.model_copy(
+            update={
+                "storage": overrides.get("storage", s.storage),
+                "tracking": s.tracking.model_copy(update=overrides.get("tracking", {})),
+            }
+        )
+    except SpecError as e:
+        fail(str(e))
+    cluster_ready(s)
     client = _client(address)
-    job_id = new_job_id(s.name)
+    job_id = resume or new_job_id(s.name)
+    submission_id = f"{job_id}-resume-{secrets.token_hex(2)}" if resume else job_id
     with tempfile.TemporaryDirectory(prefix="ptv2-submit-") as tmp:
-        name = package(spec, Path(tmp))
-        env = worker_env(s)
+        name = package(spec, Path(tmp), overrides)
+        entrypoint = f"python -m launcher.runner {name} --job-id {job_id}" + (" --resume" if resume else "")
         for attempt in range(12):  # a just-started head answers "No available agent" for a while
             try:
                 client.submit_job(
-                    entrypoint=f"python -m launcher.runner {name} --job-id {job_id}",
-                    submission_id=job_id,
-                    runtime_env={"working_dir": tmp, "env_vars": env},
-                    metadata={"ptv2": "1", "name": s.name},
+                    entrypoint=entrypoint,
+                    submission_id=submission_id,
+                    runtime_env={"working_dir": tmp, "env_vars": worker_env(s, _env_pairs(env))},
+                    metadata={
+                        "ptv2": "1",
+                        "name": s.name,
+                        "job_id": job_id,
+                        "tracking_uri": s.tracking.tracking_uri,
+                        "experiment": s.tracking.experiment,
+                    },
                 )
                 break
             except RuntimeError as e:
                 if "No available agent" not in str(e) or attempt == 11:
                     fail(f"the Ray Jobs API at {address} refused the job: {str(e).splitlines()[0][:300]}", code=1)
                 time.sleep(5)
-    typer.echo(job_id)
+    typer.echo(submission_id)
     if wait:
-        logs(job_id, address=address, follow=True)
-        status(job_id, address=address)
+        logs(submission_id, address=address, follow=True)
+        status(submission_id, address=address)
 
 
 @app.command()
@@ -185,10 +260,26 @@ def logs(job_id: str, address: str = AddressOpt, follow: bool = typer.Option(Fal
 
 @app.command()
 def stop(job_id: str, address: str = AddressOpt) -> None:
-    """Stop a submitted job."""
+    """Stop a submitted job; its MLflow run ends as KILLED (resume it with submit --resume)."""
     client = _client(address)
-    _job_info(job_id, address)
-    typer.echo(f"{job_id}: {'stopping' if client.stop_job(job_id) else 'not running'}")
+    info = _job_info(job_id, address)
+    stopping = client.stop_job(job_id)
+    typer.echo(f"{job_id}: {'stopping' if stopping else 'not running'}")
+    if not stopping:
+        return
+    for _ in range(60):  # the driver gets SIGTERM and ends its run itself; make sure it did
+        if client.get_job_status(job_id).is_terminal():
+            break
+        time.sleep(1)
+    meta = info.metadata or {}
+    if meta.get("tracking_uri") and meta.get("job_id"):
+        from ptv2 import tracking
+
+        run_id = tracking.find_job_run(meta["tracking_uri"], meta.get("experiment", "ptv2"), meta["job_id"])
+        if run_id and tracking.client(meta["tracking_uri"]).get_run(run_id).info.status == "RUNNING":
+            tracking.end_run(meta["tracking_uri"], run_id, "KILLED")
+        if run_id:
+            typer.echo(f"{job_id}: MLflow run {run_id} KILLED")
 
 
 @app.command()

@@ -2,46 +2,51 @@
 loop (the ptv2 DeepSpeed training loop in a process group Ray created).
 
 `ptv2 run` calls `run_spec` with an embedded local Ray; a job submitted with `ptv2 submit` runs
-`python -m launcher.runner SPEC` on the cluster, which joins the cluster's Ray instead. Restarted
-worker groups (FailureConfig) resume from the newest complete checkpoint in the job's output
-folder and keep logging to the same MLflow run.
+`python -m launcher.runner SPEC` on the cluster, which joins the cluster's Ray instead. What a
+job keeps goes to its storage folder (`<storage>/<job id>/`: a shared path or an object store),
+never to a node's own disk: every rank reports its checkpoint files to Ray Train, which merges
+them into one checkpoint there, so a restarted worker group (FailureConfig), on any node,
+resumes from it; rank 0 publishes the prompt there and logs it to MLflow. A job that stopped
+or failed resumes with `--resume JOB_ID`, in the same MLflow run.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 from launcher.spec import JobSpec, SpecError, load_spec
-from ptv2 import tracking
+from ptv2 import storage, tracking
+from ptv2.callbacks import Callback
+from ptv2.checkpoint import Checkpoints
 
-# Environment the workers need: offline hubs, no telemetry, and the test-only failure switch.
-PASS_ENV = (
-    "HF_HUB_OFFLINE",
-    "TRANSFORMERS_OFFLINE",
-    "PTV2_HOME",
-    "PTV2_CACHE",
-    "MLFLOW_TRACKING_URI",
-    "PTV2_TEST_FAIL_AT_STEP",
-    "PTV2_TEST_FAIL_RANK",
-    "DS_ACCELERATOR",
-    "TORCH_EXTENSIONS_DIR",
-)
+ERROR_FILE = "error.json"  # where workers leave a problem no retry can fix, for the driver
+
+
+class JobFailed(RuntimeError):
+    """The job could not run: its one-line reason (spec field, file and row, or model)."""
+
+
+class JobStopped(KeyboardInterrupt):
+    """The job was asked to stop (SIGTERM from `ptv2 stop` / Ray, or Ctrl-C)."""
 
 
 @dataclass
 class RunSummary:
     job_id: str
     run_id: str
-    output_dir: str
+    storage: str
     tracking_uri: str
     metrics: dict[str, float] = field(default_factory=dict)
     artifact: str | None = None
@@ -62,13 +67,16 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def worker_env(spec: JobSpec) -> dict[str, str]:
-    """Environment variables for the driver and workers of a job."""
-    env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
-    env.setdefault("OMP_NUM_THREADS", str(max(1, int(spec.resources.cpus_per_worker))))
-    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # else every worker print() appears twice
-    return env
+def worker_env(spec: JobSpec, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment settings of a job's driver and workers. Nothing of the submitting machine's
+    environment is forwarded unless asked for (`extra`): the cluster has its own."""
+    env = {
+        "OMP_NUM_THREADS": str(max(1, int(spec.resources.cpus_per_worker))),
+        "TRANSFORMERS_VERBOSITY": "error",
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # else every worker print() appears twice
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",  # ray.train.report() latency 2 s -> 0.2 s
+    }
+    return {**env, **(extra or {})}
 
 
 def new_job_id(name: str) -> str:
@@ -83,48 +91,112 @@ def _versions() -> dict[str, str]:
     return out
 
 
+# ---- in every Ray Train worker -------------------------------------------------------------
+class RayCheckpoints(Checkpoints):
+    """Checkpoints through Ray Train: each rank reports its own files and Ray merges them into
+    one checkpoint folder in the job's storage, registered only once every rank has reported;
+    after a restart, Ray says which registered checkpoint is the newest."""
+
+    def newest_registered(self) -> str | None:
+        import ray.train
+
+        latest = ray.train.get_checkpoint()
+        return None if latest is None else latest.path.rstrip("/").rsplit("/", 1)[-1]
+
+    def commit(self, folder: Path, name: str, metrics: dict, rank: int) -> None:
+        import ray.train
+
+        ray.train.report(
+            {k: v for k, v in metrics.items() if isinstance(v, int | float)},
+            checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+            checkpoint_dir_name=name,
+            delete_local_checkpoint_after_upload=False,  # Checkpoints.save removes its scratch
+        )
+
+    def prune(self) -> None:  # Ray keeps CheckpointConfig(num_to_keep) of them
+        pass
+
+
 def worker_loop(config: dict) -> None:
     """Runs in every Ray Train worker: Ray already created the process group."""
+    import ray
     import ray.train
 
-    from ptv2.callbacks import Callback, ConsoleLogger
+    from ptv2.callbacks import ConsoleLogger
     from ptv2.settings import TrainJob
     from ptv2.tracking import MlflowCallback
-    from ptv2.train import train
-
-    class RayReport(Callback):  # report to Ray at eval time only: each report blocks ~0.2-2 s
-        def on_eval(self, rank, step, metrics):
-            ray.train.report({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
+    from ptv2.train import JobError, train
 
     job = TrainJob.model_validate(config["job"])
-    callbacks = [ConsoleLogger(), MlflowCallback(config["tracking_uri"], config["run_id"])]
-    if config.get("report_eval", False):
-        callbacks.append(RayReport())
-    train(job, callbacks)
+    rank = ray.train.get_context().get_world_rank()
+    print(f"[ptv2] rank {rank} on node {ray.get_runtime_context().get_node_id()}", flush=True)
+    callbacks = [ConsoleLogger(), MlflowCallback(config["tracking_uri"], config["run_id"]), *config["callbacks"]]
+    checkpoints = RayCheckpoints(storage.join(job.storage, "checkpoints"), job.train.keep_checkpoints)
+    try:
+        train(job, callbacks, checkpoints)
+    except JobError as e:  # every rank raises it; returning keeps Ray from retrying what cannot succeed
+        if rank == 0:
+            storage.write_bytes(storage.join(job.storage, ERROR_FILE), json.dumps({"error": str(e)}).encode())
 
 
-def run_spec(spec: JobSpec, spec_text: str, address: str | None = None, job_id: str | None = None) -> RunSummary:
-    """Create the MLflow run, run the worker group on Ray, end the run. `address=None` starts an
-    embedded local Ray sized for the job."""
+# ---- the driver ----------------------------------------------------------------------------
+def _on_sigterm(signum, frame):
+    raise JobStopped(f"signal {signum}")
+
+
+def _read_error(location: str) -> str | None:
+    path = storage.join(location, ERROR_FILE)
+    if not storage.is_file(path):
+        return None
+    return json.loads(storage.read_bytes(path))["error"]
+
+
+def open_run(spec: JobSpec, spec_text: str, job_id: str, uri: str, resume: bool, tags: dict) -> str:
+    """The job's MLflow run: a new one, or (resume) the job's own run, reopened."""
+    if resume:
+        run_id = tracking.find_job_run(uri, spec.tracking.experiment, job_id)
+        if run_id is None:
+            raise JobFailed(
+                f"--resume {job_id}: no MLflow run of that job in experiment {spec.tracking.experiment!r} at {uri}"
+            )
+        tracking.reopen_run(uri, run_id)
+        return run_id
+    return tracking.start_run(uri, spec.tracking.experiment, job_id, spec.model_dump(mode="json"), tags, spec_text)
+
+
+def run_spec(
+    spec: JobSpec,
+    spec_text: str,
+    address: str | None = None,
+    job_id: str | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Callback] = (),
+) -> RunSummary:
+    """Create (or reopen) the MLflow run, run the worker group on Ray, end the run.
+    `address=None` starts an embedded local Ray sized for the job. `callbacks` are added to
+    every worker's (they must pickle)."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    if resume and job_id is None:
+        raise JobFailed("resume needs the id of the job to resume")
     job_id = job_id or new_job_id(spec.name)
-    output_dir = spec.output_dir or str(tracking.home() / "runs" / job_id)
-    if spec.output_dir:
-        output_dir = str(Path(spec.output_dir) / job_id)
+    location = spec.job_storage(job_id)
+    if resume and not storage.exists(location):
+        raise JobFailed(f"--resume {job_id}: nothing of that job in storage at {location}")
     uri = tracking.resolve_uri(spec.tracking.tracking_uri)
-    tags = {"ptv2.job_id": job_id, "ptv2.output_dir": output_dir, **_versions()}
+    tags = {"ptv2.job_id": job_id, "ptv2.storage": location, **_versions()}
     if address is not None:
-        tags["ray.job_id"] = job_id
+        tags["ray.job_id"] = os.environ.get("RAY_JOB_SUBMISSION_ID", job_id)
     commit = _git_commit()
     if commit:
         tags["git.commit"] = commit
-    run_id = tracking.start_run(uri, spec.tracking.experiment, job_id, spec.model_dump(mode="json"), tags, spec_text)
-    print(f"[ptv2] job {job_id}: MLflow run {run_id} at {uri}", flush=True)
+    run_id = open_run(spec, spec_text, job_id, uri, resume, tags)
+    print(f"[ptv2] job {job_id}: MLflow run {run_id} at {uri}; storage {location}", flush=True)
     res = spec.resources
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # report() latency 2 s -> 0.2 s
+    storage.delete(storage.join(location, ERROR_FILE))
+    fs, path = storage.resolve(location)
     started_here = False
     try:
         if not ray.is_initialized():
@@ -143,9 +215,10 @@ def run_spec(spec: JobSpec, spec_text: str, address: str | None = None, job_id: 
         trainer = TorchTrainer(
             worker_loop,
             train_loop_config={
-                "job": spec.train_job(output_dir).model_dump(mode="json"),
+                "job": spec.train_job(job_id).model_dump(mode="json"),
                 "run_id": run_id,
                 "tracking_uri": uri,
+                "callbacks": list(callbacks),
             },
             scaling_config=ScalingConfig(
                 num_workers=res.workers,
@@ -156,12 +229,17 @@ def run_spec(spec: JobSpec, spec_text: str, address: str | None = None, job_id: 
                 },
             ),
             run_config=RunConfig(
-                name=job_id,
-                storage_path=str(tracking.home() / "ray_results"),
+                name="checkpoints",  # Ray keeps its run state and the checkpoints in <job>/checkpoints
+                storage_path=path,
+                storage_filesystem=fs,
+                checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
                 failure_config=FailureConfig(max_failures=spec.train.max_failures),
             ),
         )
         trainer.fit()
+        error = _read_error(location)
+        if error is not None:
+            raise JobFailed(error)
         # Ray's Result.metrics is empty without a reported checkpoint: the run holds the truth
         metrics = tracking.latest_metrics(uri, run_id, prefix="eval/")
         if spec.tracking.register_as:
@@ -170,17 +248,18 @@ def run_spec(spec: JobSpec, spec_text: str, address: str | None = None, job_id: 
             version = register(uri, run_id, spec.tracking.register_as)
             print(f"[ptv2] registered models:/{spec.tracking.register_as}/{version}", flush=True)
         tracking.end_run(uri, run_id, "FINISHED", metrics)
-    except BaseException:
-        tracking.end_run(uri, run_id, "FAILED")
+    except BaseException as e:
+        tracking.end_run(uri, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", error=str(e))
         raise
     finally:
         if started_here:
             ray.shutdown()
-    artifact = Path(output_dir) / "prompt"
+    prompt = storage.join(location, "prompt")
     tags = tracking.client(uri).get_run(run_id).data.tags
     n, share = int(tags.get("ptv2.trainable_params", 0)), tags.get("ptv2.trainable_share_pct", "?")
     trainable = f"{n:,} parameters ({share}% of the model)"
-    return RunSummary(job_id, run_id, output_dir, uri, metrics, str(artifact) if artifact.is_dir() else None, trainable)
+    artifact = prompt if storage.is_file(storage.join(prompt, "manifest.json")) else None
+    return RunSummary(job_id, run_id, location, uri, metrics, artifact, trainable)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,14 +267,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Run a ptv2 job spec on the Ray cluster this process belongs to.")
     ap.add_argument("spec")
     ap.add_argument("--address", default="auto")
-    ap.add_argument("--job-id", help="use this job id (ptv2 submit passes its submission id)")
+    ap.add_argument("--job-id", help="use this job id (ptv2 submit passes its own)")
+    ap.add_argument("--resume", action="store_true", help="continue job --job-id from its newest checkpoint")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)  # `ptv2 stop`: end the MLflow run as KILLED
     try:
         spec = load_spec(args.spec)
-    except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
+        s = run_spec(spec, Path(args.spec).read_text(), address=args.address, job_id=args.job_id, resume=args.resume)
+    except (SpecError, JobFailed) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    s = run_spec(spec, Path(args.spec).read_text(), address=args.address, job_id=args.job_id)
+    except JobStopped:
+        print("[ptv2] stopped", flush=True)
+        return 130
     print(f"[ptv2] finished: run {s.run_id}, metrics {s.metrics}, prompt {s.artifact}", flush=True)
     return 0
 

@@ -1,7 +1,7 @@
 """The YAML job spec: typed, strict, checked against the files and the model it names.
 
 A spec is the training job's sections (`ptv2.settings.TrainJob`: model, prompt, data, train,
-deepspeed, output_dir) plus `name`, `resources` and `tracking`. Unknown keys are errors; every
+deepspeed) plus `name`, `storage`, `resources` and `tracking`. Unknown keys are errors; every
 error names the field path and the bad value, in one line. Relative paths resolve against the
 spec's folder on the submitting side. YAML is read with `yaml.safe_load`: tags that would build
 Python objects are refused, and model code runs only with `model.trust_remote_code: true`.
@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ptv2 import dsconfig
+from ptv2 import dsconfig, storage, tracking
 from ptv2.settings import TrainJob
 
 
@@ -61,13 +61,21 @@ class Tracking(BaseModel):
 
 class JobSpec(TrainJob):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="job name: letters, digits, . _ -")
+    storage: str | None = Field(
+        None,
+        description="where jobs keep what outlives them (checkpoints, prompts), one folder per job id: a path "
+        "every node sees (shared filesystem) or an object-store URI such as s3://bucket/ptv2 (endpoint and "
+        "credentials from the AWS variables). Default for `ptv2 run`: $PTV2_HOME/runs",
+    )
     resources: Resources = Field(default_factory=Resources)
     tracking: Tracking = Field(default_factory=Tracking)
-    output_dir: str | None = Field(None, description="default: $PTV2_HOME/runs/<job id>")
 
-    def train_job(self, output_dir: str) -> TrainJob:
+    def job_storage(self, job_id: str) -> str:
+        return storage.join(self.storage or str(tracking.home() / "runs"), job_id)
+
+    def train_job(self, job_id: str) -> TrainJob:
         data = self.model_dump(include=set(TrainJob.model_fields))
-        data["output_dir"] = output_dir
+        data["storage"] = self.job_storage(job_id)
         return TrainJob.model_validate(data)
 
 
@@ -110,10 +118,10 @@ def read_yaml(path: Path) -> dict:
     return raw
 
 
-def _model_config(spec: JobSpec, on_cluster: bool = False) -> dict | None:
+def _model_config(spec: JobSpec, model_on_cluster: bool = False) -> dict | None:
     folder = Path(spec.model.name_or_path)
     cfg = folder / "config.json"
-    if on_cluster and not folder.exists():
+    if model_on_cluster and not folder.exists():
         return None  # a path on the cluster's shared storage: the job checks it where it runs
     if folder.is_dir():
         if not cfg.is_file():
@@ -127,10 +135,10 @@ def _model_config(spec: JobSpec, on_cluster: bool = False) -> dict | None:
     return None  # a hub id ("org/name"): checked when it loads
 
 
-def check_model(spec: JobSpec, on_cluster: bool = False) -> None:
+def check_model(spec: JobSpec, model_on_cluster: bool = False) -> None:
     """Check the model folder (config, remote code, supported architecture, positions). With
-    `on_cluster`, a folder that does not exist here is left for the cluster to check."""
-    raw = _model_config(spec, on_cluster)
+    `model_on_cluster`, a folder that does not exist here is left for the cluster to check."""
+    raw = _model_config(spec, model_on_cluster)
     if raw is None:
         return
     if raw.get("auto_map") and not spec.model.trust_remote_code:
@@ -156,11 +164,11 @@ def check_model(spec: JobSpec, on_cluster: bool = False) -> None:
         )
 
 
-def _column_values(path: Path, fmt: str, column: str) -> list:
-    from ptv2.data import DataError, _read_table
+def _column_values(path: str, fmt: str, column: str) -> list:
+    from ptv2.data import DataError, read_table
 
     try:
-        table = _read_table(path, fmt)
+        table = read_table(path, fmt)
     except DataError as e:
         raise SpecError(f"data: {e}") from e
     if column not in table.column_names:
@@ -172,14 +180,17 @@ def check_data(spec: JobSpec) -> None:
     d = spec.data
     for field in ("train_file", "validation_file", "test_file"):
         value = getattr(d, field)
-        if value is not None and not Path(value).is_file():
-            raise SpecError(f"data.{field}: {value} does not exist")
+        try:
+            if value is not None and not storage.is_file(value):
+                raise SpecError(f"data.{field}: {value} does not exist")
+        except storage.StorageError as e:
+            raise SpecError(f"data.{field}: {e}") from e
     if spec.model.task == "causal-lm":
         return
     known = set(spec.model.labels or [])
     column = d.label_column if spec.model.task == "seq-cls" else d.tags_column
     for value in filter(None, (d.train_file, d.validation_file, d.test_file)):
-        seen = _column_values(Path(value), d.format, column)
+        seen = _column_values(value, d.format, column)
         found = (
             {str(v) for v in seen if v is not None}
             if spec.model.task == "seq-cls"
@@ -207,8 +218,8 @@ def load_spec(path: str | Path, check_files: bool = True, model_on_cluster: bool
     # only a path written absolute can name the cluster's storage (a relative one resolves here)
     on_cluster = model_on_cluster and spec.model.name_or_path.startswith("/")
     spec = spec.resolve_paths(path.resolve().parent)
-    if spec.output_dir is not None:
-        spec = spec.model_copy(update={"output_dir": str(Path(spec.output_dir))})
+    if spec.storage is not None:
+        spec = spec.model_copy(update={"storage": storage.normalize(spec.storage)})
     try:
         dsconfig.build(spec, spec.resources.workers, "float32")
     except dsconfig.DeepSpeedConfigError as e:

@@ -13,8 +13,9 @@ class Callback:
     def on_step(self, rank: int, step: int, metrics: dict[str, float]) -> None: ...
     def on_eval(self, rank: int, step: int, metrics: dict[str, float]) -> None: ...
     def on_test(self, rank: int, step: int, metrics: dict[str, float]) -> None: ...
-    def on_checkpoint(self, rank: int, step: int, path: Path) -> None: ...
-    def on_artifact(self, rank: int, step: int, path: Path, kind: str) -> None: ...  # kind: final | best
+    def on_checkpoint(self, rank: int, step: int, location: str) -> None: ...
+    # kind: final | best; `path` is rank 0's local copy, `location` where it is kept in storage
+    def on_artifact(self, rank: int, step: int, path: Path, kind: str, location: str) -> None: ...
     def on_train_end(self, rank: int, summary: dict) -> None: ...
 
 
@@ -46,11 +47,11 @@ class ConsoleLogger(Callback):
     def on_test(self, rank, step, m):
         self._print(rank, "test (final prompt): " + " ".join(f"{k} {v:.4f}" for k, v in m.items()))
 
-    def on_checkpoint(self, rank, step, path):
-        self._print(rank, f"checkpoint step {step}: {path}")
+    def on_checkpoint(self, rank, step, location):
+        self._print(rank, f"checkpoint step {step}: {location}")
 
-    def on_artifact(self, rank, step, path, kind):
-        self._print(rank, f"{kind} prompt artifact (step {step}): {path}")
+    def on_artifact(self, rank, step, path, kind, location):
+        self._print(rank, f"{kind} prompt artifact (step {step}): {location}")
 
     def on_train_end(self, rank, summary):
         self._print(rank, "done: " + " ".join(f"{k}={v}" for k, v in summary.items()))

@@ -1,129 +1,227 @@
-"""Training checkpoints: small (no frozen weight is saved), atomic, verified on resume.
+"""Training checkpoints in the job's storage: small (no frozen weight), per-rank, verified.
 
-    CHECKPOINTS/step-00000040/   DeepSpeed's files (trainable params, optimizer, scheduler)
-                                 + state.json (step, data position, best metric)
-                                 + rng-rank<r>.pt (every rank's RNG states)
-                                 + COMPLETE.json (sha256 of every file above, written last)
+    STORAGE/<job>/checkpoints/step-00000040/
+        ds/…                      DeepSpeed's files of every rank (trainable params, optimizer, scheduler)
+        state.json                step, data position, best metric (rank 0)
+        rng-rank<r>.safetensors   each rank's RNG states, as tensors (no pickle to load)
+        COMPLETE-rank<r>.json     sha256 of each file rank r wrote, uploaded after them
 
-Every rank saves into `.tmp-step-…`; after a barrier rank 0 checksums the files, writes
-COMPLETE.json and renames the folder. A crash mid-save leaves only a `.tmp-` folder; a
-checkpoint whose files no longer match their checksums (truncated, corrupted) is skipped and the
-previous complete one is used.
+Every rank saves into its own local scratch folder and sends its files to the same checkpoint
+folder in storage, so ranks on different nodes need no shared disk. A checkpoint counts only
+when the marker of every rank is there and every file matches its checksum: a rank that died
+mid-upload, or a truncated or corrupted file, makes it incomplete and the previous one is used.
+How the files reach storage is the `Checkpoints.commit` step: a plain copy here (torchrun, a
+single process), `ray.train.report` under Ray Train (launcher/runner.py), which also tells which
+checkpoint is the newest registered one.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
+from ptv2 import storage
 from ptv2.artifact import sha256_file
 from ptv2.distributed import barrier
 
-COMPLETE = "COMPLETE.json"
 STATE = "state.json"
+DS_TAG = "ds"
+_MARKER = re.compile(r"COMPLETE-rank(\d+)\.json")
 
 
-def _tag(step: int) -> str:
+def tag(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def marker_name(rank: int) -> str:
+    return f"COMPLETE-rank{rank}.json"
+
+
+# ---- RNG state as tensors -----------------------------------------------------------------
+def rng_tensors() -> dict[str, torch.Tensor]:
+    """Every RNG the loop uses, as tensors (safetensors stores them; loading unpickles nothing)."""
+    version, keys, gauss = random.getstate()
+    _, mt, pos, has_gauss, cached = np.random.get_state()
+    out = {
+        "python.keys": torch.tensor(keys, dtype=torch.int64),
+        "python.meta": torch.tensor([version, 0 if gauss is None else 1], dtype=torch.int64),
+        "python.gauss": torch.tensor([0.0 if gauss is None else gauss], dtype=torch.float64),
+        "numpy.mt": torch.from_numpy(mt.astype(np.int64)),
+        "numpy.meta": torch.tensor([pos, has_gauss], dtype=torch.int64),
+        "numpy.cached": torch.tensor([cached], dtype=torch.float64),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"cuda.{i}"] = s
+    return out
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_tensors(t: dict[str, torch.Tensor]) -> None:
+    version, has_gauss = t["python.meta"].tolist()
+    gauss = float(t["python.gauss"][0]) if has_gauss else None
+    random.setstate((version, tuple(t["python.keys"].tolist()), gauss))
+    pos, np_has_gauss = t["numpy.meta"].tolist()
+    np.random.set_state(
+        ("MT19937", t["numpy.mt"].numpy().astype(np.uint32), pos, np_has_gauss, float(t["numpy.cached"][0]))
+    )
+    torch.set_rng_state(t["torch"])
+    cuda = [t[k] for k in sorted(k for k in t if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
-def save(engine, root: Path, step: int, state: dict, rank: int, keep: int) -> Path:
-    """Collective: every rank must call it. Returns the final checkpoint folder."""
-    tmp_tag, tag = f".tmp-{_tag(step)}", _tag(step)
-    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={}, save_latest=False, exclude_frozen_parameters=True)
-    tmp = root / tmp_tag
-    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
-    barrier()
-    final = root / tag
+# ---- one checkpoint in a local folder -------------------------------------------------------
+def save_local(engine, folder: Path, step: int, state: dict, rank: int, world: int) -> Path:
+    """Collective. This rank's share of checkpoint `step` in `folder` (its own, local), its
+    marker written last. Frozen weights are not saved: they come from the base model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(str(folder), tag=DS_TAG, client_state={}, save_latest=False, exclude_frozen_parameters=True)
+    save_file(rng_tensors(), folder / f"rng-rank{rank}.safetensors")
     if rank == 0:
-        (tmp / STATE).write_text(json.dumps(state, indent=2))
-        files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / (COMPLETE + ".tmp")).write_text(json.dumps({"step": step, "files": files}, indent=2))
-        os.replace(tmp / (COMPLETE + ".tmp"), tmp / COMPLETE)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _prune(root, keep)
-    barrier()
-    return final
+        (folder / STATE).write_text(json.dumps(state, indent=2))
+    files = {
+        str(p.relative_to(folder)): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name[0] != "."
+    }
+    marker = {"step": step, "rank": rank, "world_size": world, "files": files}
+    (folder / marker_name(rank)).write_text(json.dumps(marker, indent=2))
+    return folder
 
 
-def _prune(root: Path, keep: int) -> None:
-    complete = sorted(p for p in root.glob("step-*") if (p / COMPLETE).is_file())
-    for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for orphan in root.glob(".tmp-step-*"):
-        shutil.rmtree(orphan, ignore_errors=True)
-
-
-def verify(path: Path) -> str | None:
-    """None when `path` is a complete, intact checkpoint; otherwise why not."""
-    marker = path / COMPLETE
-    if not marker.is_file():
-        return "incomplete (no COMPLETE.json)"
-    try:
-        files = json.loads(marker.read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as e:
-        return f"unreadable {COMPLETE}: {e}"
-    for name, digest in files.items():
-        f = path / name
-        if not f.is_file():
-            return f"{name} is missing"
-        if sha256_file(f) != digest:
-            return f"{name} does not match its checksum (truncated or corrupted)"
+def verify(folder: Path, world: int) -> str | None:
+    """None when `folder` holds a complete, intact checkpoint of `world` ranks; else why not."""
+    markers = {int(m.group(1)): p for p in folder.glob("COMPLETE-rank*.json") if (m := _MARKER.fullmatch(p.name))}
+    missing = sorted(set(range(world)) - set(markers))
+    if missing:
+        return f"incomplete (no marker from rank(s) {', '.join(map(str, missing))})"
+    for rank in range(world):
+        try:
+            marker = json.loads(markers[rank].read_text())
+            files = marker["files"]
+        except (json.JSONDecodeError, KeyError) as e:
+            return f"unreadable {markers[rank].name}: {e}"
+        if marker.get("world_size", world) != world:
+            return f"written by {marker['world_size']} ranks, this run has {world}"
+        for name, digest in files.items():
+            f = folder / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if sha256_file(f) != digest:
+                return f"{name} does not match its checksum (truncated or corrupted)"
+    if not (folder / STATE).is_file():
+        return f"{STATE} is missing"
     return None
 
 
-def newest_complete(root: Path, log=print) -> Path | None:
-    """The newest intact checkpoint under `root`, reporting the ones skipped."""
-    for path in sorted(root.glob("step-*"), reverse=True):
-        problem = verify(path)
-        if problem is None:
-            return path
-        log(f"skipping checkpoint {path.name}: {problem}")
-    return None
-
-
-def choose_resume(root: Path, rank: int, log=print) -> Path | None:
-    """Rank 0 picks the checkpoint and tells the others (they must agree)."""
-    choice = [str(newest_complete(root, log)) if rank == 0 and root.is_dir() else None]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(choice, src=0)
-    return Path(choice[0]) if choice[0] else None
-
-
-def load(engine, path: Path, rank: int) -> dict:
+def load_local(engine, folder: Path, rank: int) -> dict:
     """Collective. Restores DeepSpeed's state and this rank's RNG; returns state.json."""
     engine.load_checkpoint(
-        str(path.parent),
-        tag=path.name,
-        load_module_strict=False,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
+        str(folder), tag=DS_TAG, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True
     )
-    rng = path / f"rng-rank{rank}.pt"
+    rng = folder / f"rng-rank{rank}.safetensors"
     if rng.is_file():
-        set_rng_state(torch.load(rng, weights_only=False))
-    return json.loads((path / STATE).read_text())
+        set_rng_tensors(load_file(rng))
+    return json.loads((folder / STATE).read_text())
+
+
+def _broadcast(value: str | None) -> str | None:
+    box = [value]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---- checkpoints of a job in storage --------------------------------------------------------
+class Checkpoints:
+    """The checkpoints of one job under `location` (a path or URI): save, find, restore."""
+
+    def __init__(self, location: str, keep: int = 2) -> None:
+        self.location = storage.normalize(location)
+        self.keep = keep
+
+    def names(self) -> list[str]:
+        return [n for n in storage.listdir(self.location) if re.fullmatch(r"step-\d{8}", n)]
+
+    def newest_registered(self) -> str | None:
+        """The newest checkpoint this job may resume from (Ray Train overrides: its registry)."""
+        names = self.names()
+        return names[-1] if names else None
+
+    def commit(self, folder: Path, name: str, metrics: dict, rank: int) -> None:
+        """Send this rank's files to storage; the marker goes last, so a rank that dies
+        mid-upload leaves the checkpoint incomplete. Collective."""
+        target = storage.join(self.location, name)
+        marker = folder / marker_name(rank)
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and path != marker:
+                storage.upload_file(path, storage.join(target, str(path.relative_to(folder))))
+        storage.upload_file(marker, storage.join(target, marker.name))
+        barrier()
+        if rank == 0:
+            self.prune()
+        barrier()
+
+    def prune(self) -> None:
+        """Keep the newest `keep` complete checkpoints (judged by their markers' presence)."""
+        complete = [n for n in self.names() if any(_MARKER.fullmatch(f) for f in storage.listdir(self.join(n)))]
+        for old in complete[: -self.keep]:
+            storage.delete(self.join(old))
+
+    def join(self, name: str) -> str:
+        return storage.join(self.location, name)
+
+    def save(self, engine, scratch: Path, step: int, state: dict, metrics: dict, rank: int, world: int) -> str:
+        """Collective: every rank writes its share locally and commits it; returns the name."""
+        name = tag(step)
+        folder = scratch / "checkpoint-out" / name
+        save_local(engine, folder, step, state, rank, world)
+        try:
+            self.commit(folder, name, metrics, rank)
+        finally:
+            storage.remove_scratch(folder)
+        return name
+
+    def restore(self, engine, scratch: Path, rank: int, world: int, log: Callable[[str], None]) -> dict | None:
+        """Collective. Load the newest complete checkpoint (skipping, with a reason, any that
+        is not) and return its state, or None when there is none to resume from."""
+        newest = self.newest_registered()
+        candidates = [n for n in self.names() if newest is not None and n <= newest]
+        local = scratch / "checkpoint-in"
+        chosen = None
+        if rank == 0:
+            for name in reversed(candidates):
+                folder = storage.download(self.join(name), local / name)
+                problem = verify(folder, world)
+                if problem is None:
+                    chosen = name
+                    break
+                log(f"skipping checkpoint {name}: {problem}")
+                storage.remove_scratch(folder)
+            if candidates and chosen is None:
+                log("no complete checkpoint: starting from the beginning")
+        chosen = _broadcast(chosen)
+        if chosen is None:
+            return None
+        folder = local / chosen
+        if rank != 0:
+            storage.download(self.join(chosen), folder)
+            problem = verify(folder, world)
+            if problem is not None:  # storage changed under us: no retry can fix that
+                raise storage.StorageError(f"checkpoint {self.join(chosen)} changed while loading: {problem}")
+        try:
+            state = load_local(engine, folder, rank)
+        finally:
+            barrier()
+            storage.remove_scratch(local)
+        log(f"resumed from checkpoint {chosen} (step {state['step']})")
+        return state

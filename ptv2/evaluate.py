@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from ptv2.data import IGNORE_INDEX, collate
+from ptv2.data import IGNORE_INDEX, rows
 from ptv2.distributed import all_sum
 
 if TYPE_CHECKING:
@@ -45,13 +45,14 @@ def evaluate(
     task: str,
     labels: Sequence[str] | None,
     batch_size: int,
-    pad_id: int,
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]],
     rank: int,
     world: int,
     device: torch.device,
     labelled: Callable[..., LabelledTokenStats] | None = None,
 ) -> dict[str, float]:
-    """`forward(**batch)` returns logits. Metrics are identical on every rank.
+    """`forward(**batch)` returns logits; `collate` pads a list of examples into a batch.
+    Metrics are identical on every rank.
 
     Causal LMs are scored on the device at labelled next tokens only: by `labelled(**batch,
     labels=...)` where given (e.g. `lambda **b: engine(**b, labelled_stats=True)`: the LM head
@@ -62,7 +63,7 @@ def evaluate(
     sums = torch.zeros(4 + 3 * max(n_labels, 1), dtype=torch.float64)
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        batch = collate([examples[i] for i, _ in chunk], pad_id)
+        batch = collate(rows(examples, [i for i, _ in chunk]))
         valid = torch.tensor([v for _, v in chunk])
         gold = batch.pop("labels")
         inputs = {k: v.to(device) for k, v in batch.items()}

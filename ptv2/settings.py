@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from ptv2 import storage
 from ptv2.prefix import PromptConfig
 
 Task = Literal["causal-lm", "seq-cls", "token-cls"]
@@ -52,7 +53,9 @@ class ModelSettings(_Strict):
 
 
 class DataSettings(_Strict):
-    train_file: str = Field(min_length=1, description="jsonl, csv or parquet file of training examples")
+    train_file: str = Field(
+        min_length=1, description="jsonl, csv or parquet file (a path or storage URI) of training examples"
+    )
     validation_file: str | None = Field(None, description="held-out examples for evaluation (and best-prompt choice)")
     test_file: str | None = Field(None, description="examples evaluated once, with the final prompt")
     format: Literal["auto", "jsonl", "csv", "parquet"] = Field("auto", description="auto: from the file suffix")
@@ -121,14 +124,18 @@ class TrainJob(_Strict):
     data: DataSettings
     train: TrainSettings = Field(default_factory=TrainSettings)
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
-    output_dir: str = Field("runs/job", description="checkpoints and prompt artifacts go here")
+    storage: str = Field(
+        "runs/job",
+        description="where this job's checkpoints and prompt artifacts go: a path (local or a shared "
+        "filesystem) or an object-store URI such as s3://bucket/prefix/job",
+    )
 
     def resolve_paths(self, base: Path) -> TrainJob:
         """A copy with relative file paths made absolute against `base` (the spec's folder)."""
 
         def fix(p: str | None) -> str | None:
-            if p is None:
-                return None
+            if p is None or storage.is_uri(p):  # object-store URIs are absolute already
+                return p
             path = Path(p).expanduser()
             return os.path.abspath(path if path.is_absolute() else base / path)  # keep symlinks as named
 
@@ -146,6 +153,4 @@ class TrainJob(_Strict):
         ds = self.deepspeed
         if Path(ds.config).suffix == ".json" and ("/" in ds.config or (base / ds.config).exists()):
             ds = ds.model_copy(update={"config": fix(ds.config)})
-        return self.model_copy(
-            update={"data": data, "model": model, "deepspeed": ds, "output_dir": fix(self.output_dir)}
-        )
+        return self.model_copy(update={"data": data, "model": model, "deepspeed": ds, "storage": fix(self.storage)})

@@ -88,11 +88,35 @@ def latest_metrics(uri: str | None, run_id: str, prefix: str = "") -> dict[str, 
     return {k.removeprefix(prefix): v for k, v in data.items() if k.startswith(prefix)}
 
 
-def end_run(uri: str | None, run_id: str, status: str, metrics: Mapping[str, float] | None = None) -> None:
+def find_job_run(uri: str | None, experiment: str, job_id: str) -> str | None:
+    """The MLflow run of job `job_id` (tag ptv2.job_id), or None."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`ptv2.job_id` = '{job_id}'", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def reopen_run(uri: str | None, run_id: str) -> None:
+    """Mark a stopped or failed run as running again (a resumed job keeps its run)."""
+    c = client(uri)
+    c.update_run(run_id, status="RUNNING")
+    c.set_tag(run_id, "ptv2.status", "running")
+    if "ptv2.error" in c.get_run(run_id).data.tags:
+        c.delete_tag(run_id, "ptv2.error")
+
+
+def end_run(
+    uri: str | None, run_id: str, status: str, metrics: Mapping[str, float] | None = None, error: str | None = None
+) -> None:
+    """FINISHED, FAILED (with the one-line `error` as a tag) or KILLED (stopped)."""
     c = client(uri)
     for k, v in (metrics or {}).items():
         c.log_metric(run_id, f"final/{k}", float(v))
     c.set_tag(run_id, "ptv2.status", status.lower())
+    if error:
+        c.set_tag(run_id, "ptv2.error", error.splitlines()[0][:5000] if error.strip() else error)
     c.set_terminated(run_id, status=status)
 
 
@@ -141,11 +165,12 @@ class MlflowCallback(Callback):
         if rank == 0:
             self._log(step, metrics, "test/")
 
-    def on_artifact(self, rank, step, path, kind):
+    def on_artifact(self, rank, step, path, kind, location):
         if rank == 0:
             self.c.log_artifacts(self.run_id, str(path), artifact_path="prompt" if kind == "final" else kind)
             self.c.set_tag(self.run_id, f"ptv2.{kind}_step", str(step))
+            self.c.set_tag(self.run_id, f"ptv2.{kind}_uri", location)
 
-    def on_checkpoint(self, rank, step, path):
+    def on_checkpoint(self, rank, step, location):
         if rank == 0:
-            self.c.set_tag(self.run_id, "ptv2.last_checkpoint", f"{step}: {path}")
+            self.c.set_tag(self.run_id, "ptv2.last_checkpoint", f"{step}: {location}")

@@ -1,11 +1,13 @@
 """The training loop: a prompt (and head) trained on a frozen model with DeepSpeed.
 
-Reads top to bottom: join the process group, build the DeepSpeed config from the job, load the
-frozen model (under ZeRO-3 straight into partitions, never whole on one rank), wrap it with the
-prompt, hand only the trainable parameters to the optimizer, resume from the newest complete
-checkpoint if there is one, train (evaluating and checkpointing on the way), and write the
-prompt artifact collectively. The same code runs in a single process, under torchrun or the
-deepspeed launcher, and inside a Ray Train worker whose process group already exists.
+`train()` reads as its recipe: join the process group; read and check the tokenizer, model
+config and data (every rank agrees before any collective, so a bad row or a bad setting stops
+the job at once with one message, `JobError`, which no retry can fix); load the frozen model
+(under ZeRO-3 straight into partitions, never whole on one rank) with the prompt and head; hand
+only the trainable parameters to the optimizer; resume from the newest complete checkpoint in
+the job's storage; train (evaluating and checkpointing on the way); write the prompt artifacts
+to storage. The same code runs in a single process, under torchrun or the deepspeed launcher,
+and inside a Ray Train worker whose process group already exists.
 
     python -m ptv2.train JOB.yaml     # one process, or: torchrun --nproc_per_node 2 -m ptv2.train JOB.yaml
 """
@@ -15,11 +17,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import os
 import random
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,29 +29,66 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from ptv2 import checkpoint, dsconfig
-from ptv2.artifact import collect_tensors, save_prompt
+from ptv2 import dsconfig, storage
+from ptv2.artifact import MANIFEST, ArtifactError, collect_tensors, save_prompt
 from ptv2.callbacks import Callback, ConsoleLogger
-from ptv2.data import collate, load_examples
-from ptv2.distributed import Dist, all_sum, gathered, setup
+from ptv2.checkpoint import Checkpoints
+from ptv2.data import IGNORE_INDEX, BatchStream, DataError, collator, first_tokens, load_examples
+from ptv2.distributed import Dist, all_sum, barrier, gathered, setup
 from ptv2.evaluate import PRIMARY_METRIC, evaluate
 from ptv2.fingerprint import fingerprint
 from ptv2.model import PromptedModel, head_parameter_names, load_base_model
+from ptv2.prefix import Geometry, UnsupportedModelError
 from ptv2.settings import TrainJob
 
-FAIL_ENV = "PTV2_TEST_FAIL_AT_STEP"  # test-only: kill one worker once at this step
+# the transformers schedule behind each `train.schedule` (warmup applies to all of them)
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+
+
+class JobError(ValueError):
+    """A problem with the job itself (its data, settings or model) that no retry can fix; the
+    message is one line naming the file and row, the field or the model. Every rank raises it."""
+
+
+# Raised while reading the job's inputs, these are the job's fault, not the machine's.
+DETERMINISTIC = (DataError, dsconfig.DeepSpeedConfigError, UnsupportedModelError, ArtifactError, FileNotFoundError)
 
 
 @dataclass
 class TrainResult:
     steps: int
-    artifact: Path | None
-    best_artifact: Path | None
+    artifact: str | None  # where the final prompt is in storage
+    best_artifact: str | None
     metrics: dict[str, float] = field(default_factory=dict)
     resumed_from: int | None = None
     losses: list[float] = field(default_factory=list)
     engine: object = field(default=None, repr=False)  # the DeepSpeed engine, for callers that inspect it
     model: PromptedModel | None = field(default=None, repr=False)
+
+
+@dataclass
+class Inputs:
+    """What the job reads before any model weight is loaded."""
+
+    tokenizer: object
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]]
+    dtype: str
+    ds_config: dict
+    train: object  # tokenized datasets
+    validation: object | None
+    test: object | None
+
+
+@dataclass
+class Trainee:
+    """The model being trained and the DeepSpeed engine around it."""
+
+    model: PromptedModel
+    engine: object
+    scheduler: object
+    base_fingerprint: dict | None
+    total_steps: int
+    info: dict
 
 
 def seed_everything(seed: int) -> None:
@@ -65,20 +103,6 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bfloat16"
     return "float32"
-
-
-def lr_lambda(schedule: str, warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        if schedule == "constant":
-            return 1.0
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        return max(0.0, 1.0 - progress)
-
-    return f
 
 
 def trainable_fp32(model: PromptedModel) -> dict[str, torch.Tensor]:
@@ -96,102 +120,115 @@ def trainable_fp32(model: PromptedModel) -> dict[str, torch.Tensor]:
     return out
 
 
-def text_init_ids(examples: Sequence[dict], length: int) -> torch.Tensor:
-    """The first `length` tokens of the training data in file order (examples joined as
-    tokenized, special tokens included): what prompt init "text" starts from."""
-    ids: list[int] = []
-    for ex in examples:
-        ids += ex["input_ids"][: length - len(ids)]
-        if len(ids) == length:
-            return torch.tensor(ids)
-    raise ValueError(f"prompt init 'text' needs {length} training tokens, the data has only {len(ids)}")
+@contextlib.contextmanager
+def node_first(d: Dist) -> Iterator[None]:
+    """The first process of each node runs the block before the others (which then find its
+    results in the node's cache); every rank passes one barrier, even when the block fails."""
+    if d.local_rank != 0:
+        barrier()
+    try:
+        yield
+    finally:
+        if d.local_rank == 0:
+            barrier()
 
 
-def _fail_once(step: int, out_dir: Path, rank: int) -> None:
-    at = os.environ.get(FAIL_ENV)
-    marker = out_dir / ".test-failure-done"
-    if (
-        at
-        and int(at) == step
-        and rank == int(os.environ.get("PTV2_TEST_FAIL_RANK", "1")) % max(1, dist.get_world_size())
-    ) and not marker.exists():
-        marker.write_text("1")
-        print(f"[ptv2] test failure injected: rank {rank} exits at step {step}", flush=True)
-        os._exit(1)
+def agree(error: BaseException | None) -> None:
+    """Collective: if any rank met a problem with the job, every rank raises it (rank order)."""
+    mine = None if error is None else f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
+    everyone = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+    first = next((m for m in everyone if m), None)
+    if first is not None:
+        raise JobError(first) from error
 
 
-def train(job: TrainJob, callbacks: Sequence[Callback] | None = None, d: Dist | None = None) -> TrainResult:
+# ---- the recipe's steps --------------------------------------------------------------------
+def read_inputs(job: TrainJob, d: Dist) -> Inputs:
+    """Tokenizer, model geometry, DeepSpeed config and data, checked on every rank. Collective."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    m, data = job.model, job.data
+    result, error = None, None
+    with node_first(d):
+        try:
+            Geometry.of(AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code))
+            dtype = resolve_dtype(m.dtype, d.device)
+            ds_config = dsconfig.build(job, d.world_size, dtype)
+            tokenizer = AutoTokenizer.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+            tokenizer.padding_side = "right"
+
+            def read(path: str | None):
+                return None if path is None else load_examples(path, data, m.task, m.labels, tokenizer, cache=True)
+
+            result = Inputs(
+                tokenizer,
+                collator(tokenizer, m.task),
+                dtype,
+                ds_config,
+                read(data.train_file),
+                read(data.validation_file),
+                read(data.test_file),
+            )
+            if job.prompt.length and job.prompt.init == "text":
+                first_tokens(result.train, job.prompt.length)
+        except DETERMINISTIC as e:
+            error = e
+        except OSError as e:  # a model folder without the files transformers needs
+            error = JobError(f"model.name_or_path: {m.name_or_path}: {str(e).splitlines()[0]}")
+    agree(error)
+    return result
+
+
+def steps_per_epoch(n_examples: int, job: TrainJob, world: int) -> int:
+    return max(1, math.ceil(math.ceil(n_examples / world) / job.train.micro_batch_size))
+
+
+def build_trainee(job: TrainJob, inputs: Inputs, d: Dist) -> Trainee:
+    """The frozen base (partitioned at load under ZeRO-3) + prompt + head, in a DeepSpeed engine
+    whose optimizer holds only the trainable parameters (the head may take its own lr)."""
     import deepspeed
-    from transformers import AutoTokenizer
+    from transformers import get_scheduler
     from transformers.integrations import HfDeepSpeedConfig
 
-    callbacks = list(callbacks) if callbacks is not None else [ConsoleLogger()]
-    # DeepSpeed 0.19 still calls torch.distributed APIs that torch 2.13 marks deprecated
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    d = d or setup()
-    t, m = job.train, job.model
-    out_dir = Path(job.output_dir)
-    seed_everything(t.seed)
-    dtype_name = resolve_dtype(m.dtype, d.device)
-    ds_config = dsconfig.build(job, d.world_size, dtype_name)
-    stage = dsconfig.zero_stage(ds_config)
-
-    # ---- data -------------------------------------------------------------------------------
-    tokenizer = AutoTokenizer.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_ex = load_examples(job.data.train_file, job.data, m.task, m.labels, tokenizer)
-    test_ex = load_examples(job.data.test_file, job.data, m.task, m.labels, tokenizer) if job.data.test_file else []
-    val_ex = (
-        load_examples(job.data.validation_file, job.data, m.task, m.labels, tokenizer)
-        if job.data.validation_file
-        else []
-    )
-
-    # ---- model: frozen base (partitioned at load under ZeRO-3) + prompt + head --------------
-    hf_ds = HfDeepSpeedConfig(ds_config) if stage == 3 else None  # must stay alive while loading
-    base, missing = load_base_model(m.name_or_path, m.task, m.labels, getattr(torch, dtype_name), m.trust_remote_code)
+    m, t = job.model, job.train
+    stage = dsconfig.zero_stage(inputs.ds_config)
+    hf_ds = HfDeepSpeedConfig(inputs.ds_config) if stage == 3 else None  # must stay alive while loading
+    base, missing = load_base_model(m.name_or_path, m.task, m.labels, getattr(torch, inputs.dtype), m.trust_remote_code)
     if base.config.pad_token_id is None:
-        base.config.pad_token_id = pad_id
-    init = deepspeed.zero.Init(config_dict_or_path=ds_config) if stage == 3 else contextlib.nullcontext()
+        base.config.pad_token_id = inputs.tokenizer.pad_token_id
+    init = deepspeed.zero.Init(config_dict_or_path=inputs.ds_config) if stage == 3 else contextlib.nullcontext()
     with init:
         model = PromptedModel(
             base, job.prompt, m.task, trainable_head=head_parameter_names(base, missing), train_base=t.train_base
         )
     if model.prompt is not None and job.prompt.init == "text":
-        model.init_prompt_from_tokens(text_init_ids(train_ex, job.prompt.length))
+        model.init_prompt_from_tokens(first_tokens(inputs.train, job.prompt.length))
     del hf_ds
     base_fp = None if t.train_base else fingerprint(base, base.config, exclude=model.head_names)  # collective
-    params = [p for _, p in model.trainable_parameters()]
-    n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)
-    n_base = sum(getattr(p, "ds_numel", p.numel()) for p in base.parameters())
 
-    # ---- schedule ----------------------------------------------------------------------------
-    per_epoch = max(1, math.ceil(math.ceil(len(train_ex) / d.world_size) / t.micro_batch_size))
-    total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / t.gradient_accumulation))
-    # one group per learning rate: the task head may take its own (the schedule scales both alike)
-    heads = set(model.head_names)
-    is_head = [n.removeprefix("base.") in heads for n, _ in model.trainable_parameters()]
-    groups = [
-        {"params": [p for p, h in zip(params, is_head, strict=True) if not h], "lr": t.lr},
-        {"params": [p for p, h in zip(params, is_head, strict=True) if h], "lr": t.head_lr or t.lr},
-    ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.schedule, t.warmup_steps, total))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+    total = t.max_steps or max(
+        1, math.ceil(t.epochs * steps_per_epoch(len(inputs.train), job, d.world_size) / t.gradient_accumulation)
     )
-
-    # ---- resume --------------------------------------------------------------------------------
-    ckpt_root = out_dir / "checkpoints"
-    state = {"step": 0, "best": None, "best_step": None}
-    resumed_from = None
-    log = (lambda msg: print(f"[ptv2] {msg}", flush=True)) if d.is_main else (lambda msg: None)
-    found = checkpoint.choose_resume(ckpt_root, d.rank, log)
-    if found is not None:
-        state = checkpoint.load(engine, found, d.rank)
-        resumed_from = state["step"]
-        log(f"resumed from checkpoint {found.name} (step {resumed_from})")
-
+    heads = set(model.head_names)
+    groups: dict[bool, list] = {False: [], True: []}
+    for name, p in model.trainable_parameters():
+        groups[name.removeprefix("base.") in heads].append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": ps, "lr": (t.head_lr or t.lr) if head else t.lr} for head, ps in groups.items() if ps],
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+    )
+    scheduler = get_scheduler(
+        SCHEDULES[t.schedule], optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total
+    )
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=inputs.ds_config, dist_init_required=False
+    )
+    n_trainable = sum(getattr(p, "ds_numel", p.numel()) for _, p in model.trainable_parameters())
+    n_base = sum(getattr(p, "ds_numel", p.numel()) for p in base.parameters())
     info = {
         "model": Path(m.name_or_path).name,
         "task": m.task,
@@ -199,130 +236,227 @@ def train(job: TrainJob, callbacks: Sequence[Callback] | None = None, d: Dist | 
         "prefix": job.prompt.length,
         "workers": d.world_size,
         "zero_stage": stage,
-        "dtype": dtype_name,
+        "dtype": inputs.dtype,
         "device": d.device.type,
         "trainable_params": n_trainable,
         "trainable_share_pct": round(100 * n_trainable / max(n_base, 1), 4),
-        "train_examples": len(train_ex),
+        "train_examples": len(inputs.train),
         "steps": total,
         "base_weights_sha256": (base_fp or {}).get("weights_sha256", "")[:16],
+        "storage": job.storage,
     }
-    for cb in callbacks:
-        cb.on_train_start(d.rank, info)
+    return Trainee(model, engine, scheduler, base_fp, total, info)
 
-    # ---- the data stream: epoch-seeded shuffles, resumable at any micro-batch -----------------
-    def stream(start_micro: int):
-        micro = start_micro
-        while True:
-            epoch, offset = divmod(micro, per_epoch)
-            g = torch.Generator().manual_seed(t.seed + epoch)
-            order = torch.randperm(len(train_ex), generator=g).tolist()
-            need = per_epoch * t.micro_batch_size * d.world_size  # every rank gets full, equal batches
-            padded = (order * math.ceil(need / len(order)))[:need]
-            mine = padded[d.rank :: d.world_size]
-            for b in range(offset, per_epoch):
-                yield [train_ex[i] for i in mine[b * t.micro_batch_size : (b + 1) * t.micro_batch_size]]
-            micro = (epoch + 1) * per_epoch
 
-    primary, mode = PRIMARY_METRIC[m.task]
+def labelled(batch: dict[str, torch.Tensor], task: str) -> int:
+    """How many targets a micro-batch's loss averages over (what HF's losses divide by)."""
+    labels = batch["labels"]
+    if task == "seq-cls":
+        return labels.shape[0]
+    if task == "causal-lm":
+        labels = labels[:, 1:]  # next-token targets
+    return int((labels != IGNORE_INDEX).sum())
 
-    def run_eval(examples: list[dict]) -> dict[str, float]:
+
+def train_step(trainee: Trainee, batches: Sequence[dict], task: str, d: Dist) -> tuple[float, float]:
+    """One optimizer step over `batches` (its micro-batches): every labelled target of the step,
+    on every rank, weighs the same, however the targets fall into micro-batches. Returns
+    (mean loss over the step's targets on all ranks, tokens this rank saw)."""
+    counts = [labelled(b, task) for b in batches]
+    total = max(all_sum([float(sum(counts))], d.device)[0], 1.0)
+    loss_sum, tokens = 0.0, 0.0
+    for batch, n in zip(batches, counts, strict=True):
+        batch = {k: v.to(d.device) for k, v in batch.items()}
+        loss = trainee.engine(**batch).loss  # mean over this micro-batch's targets
+        # DeepSpeed averages gradients over ranks: scale so the step's gradient is the mean over all targets
+        trainee.engine.backward(loss * (n * d.world_size / total), scale_wrt_gas=False)
+        trainee.engine.step()
+        loss_sum += loss.item() * n
+        tokens += float(batch["attention_mask"].sum())
+    return all_sum([loss_sum], d.device)[0] / total, tokens
+
+
+def publish(local: Path, location: str) -> None:
+    """Replace the prompt folder at `location` with `local`, its manifest last: a reader never
+    finds a manifest next to the previous files."""
+    storage.delete(location)
+    for path in sorted(local.iterdir()):
+        if path.name != MANIFEST:
+            storage.upload_file(path, storage.join(location, path.name))
+    storage.upload_file(local / MANIFEST, storage.join(location, MANIFEST))
+
+
+class Run:
+    """One training run of a job on this rank: the recipe's state between its steps."""
+
+    def __init__(self, job: TrainJob, callbacks: list[Callback], checkpoints: Checkpoints, d: Dist) -> None:
+        self.job, self.callbacks, self.checkpoints, self.d = job, callbacks, checkpoints, d
+        self.scratch = storage.scratch()
+        self.state = {"step": 0, "best": None, "best_step": None}
+        self.metrics: dict[str, float] = {}
+        self.losses: list[float] = []
+        self.best: str | None = None
+        self.resumed_from: int | None = None
+
+    def emit(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self.d.rank, *args)
+
+    def log(self, message: str) -> None:
+        if self.d.is_main:
+            print(f"[ptv2] {message}", flush=True)
+
+    def resume(self, trainee: Trainee) -> None:
+        state = self.checkpoints.restore(trainee.engine, self.scratch, self.d.rank, self.d.world_size, self.log)
+        if state is not None:
+            self.state, self.resumed_from = state, state["step"]
+        best = storage.join(self.job.storage, "best")
+        self.best = best if storage.is_file(storage.join(best, MANIFEST)) else None
+
+    def evaluate(self, trainee: Trainee, examples, inputs: Inputs) -> dict[str, float]:
+        engine, t = trainee.engine, self.job.train
         engine.eval()
         metrics = evaluate(
             lambda **b: engine(**b).logits,
             examples,
-            m.task,
-            m.labels,
+            self.job.model.task,
+            self.job.model.labels,
             t.micro_batch_size,
-            pad_id,
-            d.rank,
-            d.world_size,
-            d.device,
+            inputs.collate,
+            self.d.rank,
+            self.d.world_size,
+            self.d.device,
         )
         engine.train()
         return metrics
 
-    def write_artifact(path: Path, kind: str, step: int, metrics: dict | None) -> Path | None:
-        tensors = collect_tensors(model, trainable_fp32(model))  # collective gather first
-        written = None
-        if d.is_main:
-            written = save_prompt(
-                model,
-                path,
+    def write_artifact(self, trainee: Trainee, inputs: Inputs, kind: str, step: int) -> str:
+        """Collective: gather the trainable state, rank 0 writes the artifact and publishes it
+        to the job's storage; callbacks (MLflow) get the local copy and where it went."""
+        m = self.job.model
+        tensors = collect_tensors(trainee.model, trainable_fp32(trainee.model))  # collective gather first
+        name = "prompt" if kind == "final" else kind
+        location = storage.join(self.job.storage, name)
+        local = self.scratch / name
+        if self.d.is_main:
+            save_prompt(
+                trainee.model,
+                local,
                 base_name_or_path=m.name_or_path,
                 labels=m.labels,
-                base_fingerprint=base_fp,
+                base_fingerprint=trainee.base_fingerprint,
                 tensors=tensors,
-                extra={"step": step, "metrics": metrics or {}},
+                extra={"step": step, "metrics": self.metrics},
                 overwrite=True,
             )
-        dist.barrier()
-        for cb in callbacks:
-            cb.on_artifact(d.rank, step, path, kind)
-        return written or path
+            publish(local, location)
+        barrier()
+        self.emit("on_artifact", step, local, kind, location)
+        return location
 
-    engine.train()
-    data = stream(state["step"] * t.gradient_accumulation)
-    losses: list[float] = []
-    best_path = out_dir / "best" if (out_dir / "best").exists() else None
-    metrics: dict[str, float] = {}
-    t0, tokens_seen, start_step = time.time(), 0.0, state["step"]
-    for step in range(state["step"] + 1, total + 1):
-        loss_sum = 0.0
-        for _ in range(t.gradient_accumulation):
-            batch = {k: v.to(d.device) for k, v in collate(next(data), pad_id).items()}
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.item()
-            tokens_seen += float(batch["attention_mask"].sum())
-        state["step"] = step
-        _fail_once(step, out_dir, d.rank)
-        if step % t.log_every == 0 or step == total:
-            mean_loss, tokens = all_sum([loss_sum / t.gradient_accumulation, tokens_seen], d.device)
-            mean_loss /= d.world_size
-            elapsed = time.time() - t0
-            step_metrics = {
-                "loss": mean_loss,
-                "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": tokens / max(elapsed, 1e-9),
-                "eta_s": elapsed / (step - start_step) * (total - step),
-                "epoch": step * t.gradient_accumulation / per_epoch,
-                "total_steps": total,
-            }
-            norm = engine.get_global_grad_norm()
-            if norm is not None:
-                step_metrics["grad_norm"] = float(norm)
-            losses.append(mean_loss)
-            for cb in callbacks:
-                cb.on_step(d.rank, step, step_metrics)
-        if val_ex and ((t.eval_every and step % t.eval_every == 0) or step == total):
-            metrics = run_eval(val_ex)
-            for cb in callbacks:
-                cb.on_eval(d.rank, step, metrics)
-            value = metrics[primary]
-            better = state["best"] is None or (value > state["best"] if mode == "max" else value < state["best"])
-            if better and not t.train_base:
-                state["best"], state["best_step"] = value, step
-                best_path = write_artifact(out_dir / "best", "best", step, metrics)
-        if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total:
-            path = checkpoint.save(engine, ckpt_root, step, state, d.rank, t.keep_checkpoints)
-            for cb in callbacks:
-                cb.on_checkpoint(d.rank, step, path)
+    def after_step(self, trainee: Trainee, inputs: Inputs, step: int) -> None:
+        t, task = self.job.train, self.job.model.task
+        if inputs.validation is not None and (
+            (t.eval_every and step % t.eval_every == 0) or step == trainee.total_steps
+        ):
+            self.metrics = self.evaluate(trainee, inputs.validation, inputs)
+            self.emit("on_eval", step, self.metrics)
+            primary, mode = PRIMARY_METRIC[task]
+            value, best = self.metrics[primary], self.state["best"]
+            if (best is None or (value > best if mode == "max" else value < best)) and not t.train_base:
+                self.state["best"], self.state["best_step"] = value, step
+                self.best = self.write_artifact(trainee, inputs, "best", step)
+        if t.checkpoint_every and step % t.checkpoint_every == 0 and step < trainee.total_steps:
+            name = self.checkpoints.save(
+                trainee.engine, self.scratch, step, self.state, self.metrics, self.d.rank, self.d.world_size
+            )
+            self.emit("on_checkpoint", step, self.checkpoints.join(name))
 
-    if test_ex:
-        test_metrics = run_eval(test_ex)
-        for cb in callbacks:
-            cb.on_test(d.rank, total, test_metrics)
-    artifact = None if t.train_base else write_artifact(out_dir / "prompt", "final", total, metrics)
-    summary = {
-        "steps": total,
-        "artifact": str(artifact) if artifact else None,
-        **{f"final_{k}": v for k, v in metrics.items()},
-    }
-    for cb in callbacks:
-        cb.on_train_end(d.rank, summary)
-    return TrainResult(total, artifact, best_path, metrics, resumed_from, losses, engine, model)
+    def loop(self, trainee: Trainee, inputs: Inputs) -> None:
+        t, d = self.job.train, self.d
+        stream = BatchStream(inputs.train, t.micro_batch_size, d.rank, d.world_size, t.seed)
+        batches = map(inputs.collate, stream.from_micro(self.state["step"] * t.gradient_accumulation))
+        trainee.engine.train()
+        t0, tokens_seen, start = time.time(), 0.0, self.state["step"]
+        for step in range(start + 1, trainee.total_steps + 1):
+            loss, tokens = train_step(
+                trainee, [next(batches) for _ in range(t.gradient_accumulation)], self.job.model.task, d
+            )
+            tokens_seen += tokens
+            self.state["step"] = step
+            if step % t.log_every == 0 or step == trainee.total_steps:
+                self.losses.append(loss)
+                self.emit(
+                    "on_step",
+                    step,
+                    self.step_metrics(trainee, loss, tokens_seen, time.time() - t0, step - start, stream),
+                )
+            self.after_step(trainee, inputs, step)
+
+    def step_metrics(self, trainee: Trainee, loss: float, tokens: float, elapsed: float, done: int, stream) -> dict:
+        step = self.state["step"]
+        metrics = {
+            "loss": loss,
+            "lr": trainee.scheduler.get_last_lr()[0],
+            "tokens_per_s": all_sum([tokens], self.d.device)[0] / max(elapsed, 1e-9),
+            "eta_s": elapsed / done * (trainee.total_steps - step),
+            "epoch": step * self.job.train.gradient_accumulation / stream.per_epoch,
+            "total_steps": trainee.total_steps,
+        }
+        norm = trainee.engine.get_global_grad_norm()
+        if norm is not None:
+            metrics["grad_norm"] = float(norm)
+        return metrics
+
+    def finish(self, trainee: Trainee, inputs: Inputs) -> str | None:
+        total = trainee.total_steps
+        if inputs.test is not None:
+            self.emit("on_test", total, self.evaluate(trainee, inputs.test, inputs))
+        artifact = None if self.job.train.train_base else self.write_artifact(trainee, inputs, "final", total)
+        self.emit(
+            "on_train_end", {"steps": total, "artifact": artifact, **{f"final_{k}": v for k, v in self.metrics.items()}}
+        )
+        return artifact
+
+
+def train(
+    job: TrainJob,
+    callbacks: Sequence[Callback] | None = None,
+    checkpoints: Checkpoints | None = None,
+    d: Dist | None = None,
+) -> TrainResult:
+    """Train `job` on this rank (every rank calls it). `checkpoints` decides how checkpoints
+    reach storage (default: copied to `<job.storage>/checkpoints`; Ray Train passes its own)."""
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning, module="torch.distributed"
+    )  # DeepSpeed 0.19 on torch 2.13
+    d = d or setup()
+    seed_everything(job.train.seed)
+    run = Run(
+        job,
+        list(callbacks) if callbacks is not None else [ConsoleLogger()],
+        checkpoints or Checkpoints(storage.join(job.storage, "checkpoints"), job.train.keep_checkpoints),
+        d,
+    )
+    try:
+        inputs = read_inputs(job, d)
+        trainee = build_trainee(job, inputs, d)
+        run.resume(trainee)
+        run.emit("on_train_start", trainee.info)
+        run.loop(trainee, inputs)
+        artifact = run.finish(trainee, inputs)
+    finally:
+        storage.remove_scratch(run.scratch)
+    return TrainResult(
+        trainee.total_steps,
+        artifact,
+        run.best,
+        run.metrics,
+        run.resumed_from,
+        run.losses,
+        trainee.engine,
+        trainee.model,
+    )
 
 
 def load_job(path: str | Path) -> TrainJob:
@@ -334,7 +468,7 @@ def load_job(path: str | Path) -> TrainJob:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Train a prompt with DeepSpeed (single process, torchrun or deepspeed).")
-    ap.add_argument("job", help="YAML with model/prompt/data/train/deepspeed/output_dir sections")
+    ap.add_argument("job", help="YAML with model/prompt/data/train/deepspeed/storage sections")
     args = ap.parse_args(argv)
     result = train(load_job(args.job))
     if dist.is_initialized():

@@ -7,6 +7,7 @@ can tell (partitioning, optimizer contents, frozen weights) and write a JSON rep
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch.distributed as dist
 from ptv2.callbacks import Callback, ConsoleLogger
 from ptv2.distributed import gathered
 from ptv2.train import load_job, train
+from tests.helpers import FailOnce
 
 
 class Losses(Callback):
@@ -43,7 +45,7 @@ def checks(job, result) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from ptv2.artifact import load_prompt
-    from ptv2.data import collate, load_examples
+    from ptv2.data import collator, load_examples
 
     engine, model = result.engine, result.model
     world = dist.get_world_size()
@@ -79,8 +81,8 @@ def checks(job, result) -> dict:
 
     # logits of the trained engine vs the saved prompt in a plain model
     tok = AutoTokenizer.from_pretrained(job.model.name_or_path)
-    ex = load_examples(job.data.train_file, job.data, job.model.task, job.model.labels, tok)[:4]
-    batch = collate(ex, tok.pad_token_id)
+    ex = [load_examples(job.data.train_file, job.data, job.model.task, job.model.labels, tok)[i] for i in range(4)]
+    batch = collator(tok, job.model.task)(ex)
     batch.pop("labels")
     engine.eval()
     with torch.no_grad():
@@ -100,7 +102,10 @@ def main() -> None:
     job_path, report_path = sys.argv[1], Path(sys.argv[2])
     job = load_job(job_path)
     losses = report_path.with_suffix(".losses.jsonl")
-    result = train(job, [ConsoleLogger(), Losses(losses)])
+    callbacks = [ConsoleLogger(), Losses(losses)]
+    if os.environ.get("FAIL_AT_STEP"):  # this test's own fault injection: rank 1 dies once
+        callbacks.append(FailOnce(int(os.environ["FAIL_AT_STEP"]), 1, report_path.parent / ".failed-once"))
+    result = train(job, callbacks)
     report = {
         "steps": result.steps,
         "resumed_from": result.resumed_from,

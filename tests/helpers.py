@@ -34,3 +34,25 @@ def fit(model: PromptedModel, batch: dict, steps: int = 30, lr: float = 1e-2) ->
         losses.append(loss.item())
     model.eval()
     return losses
+
+
+class FailOnce:
+    """A training callback that kills rank `rank` once, at step `step` (a test's fault
+    injection; the marker file makes the restarted run go on)."""
+
+    def __init__(self, step: int, rank: int, marker) -> None:
+        self.step, self.rank, self.marker = step, rank, str(marker)
+
+    def __getattr__(self, hook):  # every other callback hook does nothing
+        if hook.startswith("on_"):
+            return lambda *args: None
+        raise AttributeError(hook)
+
+    def on_step(self, rank: int, step: int, metrics: dict) -> None:
+        import os
+        from pathlib import Path
+
+        if rank == self.rank and step == self.step and not Path(self.marker).exists():
+            Path(self.marker).write_text("1")
+            print(f"[ptv2] test failure injected: rank {rank} exits at step {step}", flush=True)
+            os._exit(1)

@@ -40,7 +40,7 @@ def _job(tmp: Path, arch: str, task: str, labels=None, **train) -> Path:
             "config": "zero3.json",
             "overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
         },
-        "output_dir": "out",
+        "storage": "out",
     }
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -121,18 +121,18 @@ def test_killed_worker_and_truncated_checkpoint_resume_the_same_trajectory(tmp_p
     reference = tmp_path / "a" / "report.json"
     reference.parent.mkdir()
     spec = yaml.safe_load(job.read_text())
-    spec["output_dir"] = "a/out"
+    spec["storage"] = "a/out"
     (tmp_path / "a.yaml").write_text(yaml.safe_dump(spec))
     torchrun(tmp_path / "a.yaml", reference)
     expected = _losses(reference)
 
     # rank 1 dies at step 6; the rerun resumes from the step-4 checkpoint
     report = tmp_path / "report.json"
-    proc = torchrun(job, report, env={"PTV2_TEST_FAIL_AT_STEP": "6"}, check=False)
+    proc = torchrun(job, report, env={"FAIL_AT_STEP": "6"}, check=False)
     assert proc.returncode != 0 and not report.exists()
     assert "test failure injected: rank 1 exits at step 6" in proc.stdout + proc.stderr
     report.with_suffix(".losses.jsonl").unlink()
-    proc = torchrun(job, report, env={"PTV2_TEST_FAIL_AT_STEP": "6"})
+    proc = torchrun(job, report, env={"FAIL_AT_STEP": "6"})
     assert "resumed from checkpoint step-00000004 (step 4)" in proc.stdout
     resumed = _losses(report)
     assert sorted(resumed) == list(range(5, 13))
@@ -142,7 +142,7 @@ def test_killed_worker_and_truncated_checkpoint_resume_the_same_trajectory(tmp_p
     # a truncated newest checkpoint is detected and the previous one used
     ckpts = sorted((tmp_path / "out" / "checkpoints").glob("step-*"))
     assert [c.name for c in ckpts] == ["step-00000004", "step-00000008"]
-    victim = next(ckpts[-1].glob("*optim_states.pt"))
+    victim = next(ckpts[-1].rglob("*optim_states.pt"))
     victim.write_bytes(victim.read_bytes()[:100])
     report.unlink()
     report.with_suffix(".losses.jsonl").unlink()
@@ -150,6 +150,20 @@ def test_killed_worker_and_truncated_checkpoint_resume_the_same_trajectory(tmp_p
     assert "skipping checkpoint step-00000008" in proc.stdout and "checksum" in proc.stdout
     assert "resumed from checkpoint step-00000004" in proc.stdout
     assert _losses(report) == pytest.approx({s: expected[s] for s in range(5, 13)}, rel=1e-5)
+
+    # no usable checkpoint at all (an interrupted first save: a rank's marker missing; the
+    # other truncated): every rank agrees to start from step 1 and reproduces the whole run
+    ckpts = sorted((tmp_path / "out" / "checkpoints").glob("step-*"))
+    (ckpts[0] / "COMPLETE-rank1.json").unlink()
+    victim = next(ckpts[-1].rglob("*optim_states.pt"))
+    victim.write_bytes(victim.read_bytes()[:100])
+    report.unlink()
+    report.with_suffix(".losses.jsonl").unlink()
+    proc = torchrun(job, report)
+    assert "skipping checkpoint step-00000004: incomplete (no marker from rank(s) 1)" in proc.stdout
+    assert "no complete checkpoint: starting from the beginning" in proc.stdout
+    assert "resumed from" not in proc.stdout
+    assert _losses(report) == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -164,7 +178,7 @@ def test_other_deepspeed_configs_give_the_same_training(tmp_path, config, init):
     job.write_text(yaml.safe_dump(spec))
     torchrun(job, tmp_path / "z3.json")
     spec["deepspeed"] = {"config": config}
-    spec["output_dir"] = "out2"
+    spec["storage"] = "out2"
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(spec))
     torchrun(tmp_path / "other.yaml", tmp_path / "other.json")
     assert _losses(tmp_path / "other.json") == pytest.approx(_losses(tmp_path / "z3.json"), rel=1e-4)

@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from ptv2 import dsconfig
-from ptv2.data import IGNORE_INDEX, DataError, collate, load_examples
+from ptv2 import checkpoint, dsconfig
+from ptv2.data import IGNORE_INDEX, BatchStream, DataError, collator, join_generation, load_examples
 from ptv2.evaluate import entity_spans, evaluate, shard
 from ptv2.settings import DataSettings, TrainJob
-from ptv2.train import lr_lambda
+from ptv2.train import SCHEDULES, labelled
 from tests.tiny import tiny_tokenizer
 
 
@@ -105,19 +105,84 @@ def test_bad_rows_are_reported_with_file_and_row(tmp_path):
         load_examples(f, DataSettings(train_file=str(f)), "token-cls", ["O", "B-x"], tok)
 
 
-def test_collate_pads_dynamically():
-    b = collate(
+def test_collators_pad_dynamically():
+    tok = tiny_tokenizer()
+    b = collator(tok, "seq-cls")(
         [
             {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": 1},
             {"input_ids": [5], "attention_mask": [1], "labels": 0},
-        ],
-        pad_id=0,
+        ]
     )
     assert b["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert b["labels"].tolist() == [1, 0]
-    left = collate([{"input_ids": [5, 6], "labels": [1, 2]}, {"input_ids": [5], "labels": [3]}], 0, side="left")
-    assert left["input_ids"].tolist() == [[5, 6], [0, 5]] and left["labels"].tolist() == [[1, 2], [IGNORE_INDEX, 3]]
+    for task in ("token-cls", "causal-lm"):
+        b = collator(tok, task)(
+            [
+                {"input_ids": [5, 6], "attention_mask": [1, 1], "labels": [1, 2]},
+                {"input_ids": [5], "attention_mask": [1], "labels": [3]},
+            ]
+        )
+        assert b["input_ids"].tolist() == [[5, 6], [5, 0]] and b["labels"].tolist() == [[1, 2], [3, IGNORE_INDEX]]
+
+
+def test_a_tokenizer_without_pad_borrows_eos():
+    tok = tiny_tokenizer()
+    tok.pad_token = None
+    b = collator(tok, "causal-lm")([{"input_ids": [5, 6], "labels": [5, 6]}, {"input_ids": [5], "labels": [5]}])
+    assert b["input_ids"].tolist() == [[5, 6], [5, tok.eos_token_id]]
+
+
+@pytest.mark.parametrize(
+    "prompt,response,keep_prompt,keep_response,eos",
+    [
+        (3, 2, 3, 2, True),  # fits: nothing cut
+        (20, 2, 9, 2, True),  # long prompt: loses its start, the reply keeps its EOS
+        (3, 20, 3, 9, False),  # long reply: the prompt stays whole, the reply is cut and has no EOS
+        (20, 20, 6, 6, False),  # both long: half each, the reply cut (no EOS)
+    ],
+)
+def test_truncation_keeps_the_prompt_end_and_the_response_start(prompt, response, keep_prompt, keep_response, eos):
+    p, r, EOS = list(range(100, 100 + prompt)), list(range(200, 200 + response)), 2
+    ex = join_generation(p, r, EOS, max_length=12)
+    ids = ex["input_ids"]
+    assert len(ids) <= 12
+    n_prompt = sum(lab == IGNORE_INDEX for lab in ex["labels"])
+    assert ids[:n_prompt] == p[len(p) - keep_prompt :]
+    reply = ids[n_prompt:]
+    assert reply[: min(keep_response, len(r))] == r[:keep_response]
+    assert (reply[-1] == EOS) is eos and len(reply) == keep_response + eos
+    assert ex["labels"][n_prompt:] == reply
+
+
+def test_null_labels_are_bad_rows_reported_before_training(tmp_path):
+    tok = tiny_tokenizer()
+    f = _write(tmp_path / "g.jsonl", [{"prompt": "w1", "response": "w2"}, {"prompt": "w3", "response": None}])
+    with pytest.raises(DataError, match=rf"{f}:row 2: missing response"):
+        load_examples(f, DataSettings(train_file=str(f)), "causal-lm", None, tok)
+    f = _write(tmp_path / "t.jsonl", [{"tokens": ["w1"], "tags": ["O"]}, {"tokens": ["w1", "w2"], "tags": None}])
+    with pytest.raises(DataError, match=rf"{f}:row 2: missing tags"):
+        load_examples(f, DataSettings(train_file=str(f)), "token-cls", ["O", "B-x"], tok)
+
+
+def test_batch_stream_gives_every_rank_equal_disjoint_shards_and_resumes_anywhere():
+    data = [{"input_ids": [i]} for i in range(7)]
+    streams = [BatchStream(data, 2, rank, 2, seed=3) for rank in range(2)]
+    assert streams[0].per_epoch == 2
+    epoch = [[next(it) for _ in range(2)] for it in (s.from_micro(0) for s in streams)]
+    seen = [ex["input_ids"][0] for rank in epoch for batch in rank for ex in batch]
+    assert len(seen) == 8 and set(seen) == set(range(7))  # all 7 once, plus one repeat to even out
+    later = streams[1].from_micro(0)
+    for _ in range(5):
+        next(later)
+    assert next(streams[1].from_micro(5)) == next(later)
+
+
+def test_every_target_of_a_step_weighs_the_same():
+    labels = torch.tensor([[IGNORE_INDEX, 4, 5], [IGNORE_INDEX, IGNORE_INDEX, 6]])
+    assert labelled({"labels": labels}, "causal-lm") == 3  # next-token targets: positions 1.. of the labels
+    assert labelled({"labels": labels}, "token-cls") == 3
+    assert labelled({"labels": torch.tensor([0, 1, 1])}, "seq-cls") == 3
 
 
 def test_entity_spans():
@@ -152,7 +217,17 @@ def test_evaluation_counts_each_example_once():
     ev.all_sum = lambda values, device: totals.append(values) or values
     try:
         for rank in range(2):
-            evaluate(forward, examples, "seq-cls", ["a", "b"], 2, 0, rank, 2, torch.device("cpu"))
+            evaluate(
+                forward,
+                examples,
+                "seq-cls",
+                ["a", "b"],
+                2,
+                collator(tiny_tokenizer(), "seq-cls"),
+                rank,
+                2,
+                torch.device("cpu"),
+            )
     finally:
         ev.all_sum = orig
     summed = [a + b for a, b in zip(*totals, strict=True)]
@@ -207,12 +282,12 @@ def test_causal_lm_eval_scores_labelled_tokens_on_the_device_as_from_full_logits
 
     head_rows = []
     hook = model.base.lm_head.register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape[:-1].numel()))
-    cpu = torch.device("cpu")
+    cpu, collate = torch.device("cpu"), collator(tiny_tokenizer(), "causal-lm")
     forward = lambda **b: model(**b).logits  # noqa: E731
     labelled = lambda **b: model(**b, labelled_stats=True)  # noqa: E731
     for kwargs in ({}, {"labelled": labelled}):
         head_rows.clear()
-        s = _over_ranks(2, lambda r: evaluate(forward, examples, "causal-lm", None, 2, 0, r, 2, cpu, **kwargs))  # noqa: B023
+        s = _over_ranks(2, lambda r: evaluate(forward, examples, "causal-lm", None, 2, collate, r, 2, cpu, **kwargs))  # noqa: B023
         assert s[1] == s[3] == count
         assert s[0] / s[1] == pytest.approx(loss_sum / count, abs=1e-6, rel=1e-6)
         assert s[2] == correct
@@ -259,8 +334,10 @@ def test_entity_scores_across_ranks_equal_seqeval(world):
 
     import ptv2.evaluate as ev
 
+    collate = collator(tiny_tokenizer(), "token-cls")
+
     def run(rank: int) -> dict[str, float]:
-        return evaluate(forward, examples, "token-cls", names, 3, 0, rank, world, torch.device("cpu"))
+        return evaluate(forward, examples, "token-cls", names, 3, collate, rank, world, torch.device("cpu"))
 
     orig, per_rank = ev.all_sum, []
     try:
@@ -280,9 +357,51 @@ def test_entity_scores_across_ranks_equal_seqeval(world):
     assert 0 < metrics["entity_f1"] < 1
 
 
-def test_schedule_warms_up_then_decays():
-    f = lr_lambda("linear", warmup=4, total=14)
-    assert [round(f(s), 2) for s in (0, 3, 4, 9, 14)] == [0.25, 1.0, 1.0, 0.5, 0.0]
-    c = lr_lambda("cosine", warmup=0, total=10)
-    assert c(0) == 1.0 and abs(c(5) - 0.5) < 1e-9 and c(10) < 1e-9
-    assert lr_lambda("constant", 2, 10)(7) == 1.0
+def test_schedules_are_transformers_own_with_warmup():
+    from transformers import get_scheduler
+
+    for name, hf_name in SCHEDULES.items():
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = get_scheduler(hf_name, opt, num_warmup_steps=4, num_training_steps=14)
+        lrs = []
+        for _ in range(14):
+            lrs.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        assert lrs[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0]), name  # warmup for every schedule
+        assert (lrs[-1] < 0.2) is (name != "constant"), name
+
+
+def test_rng_state_round_trips_as_tensors_without_pickle(tmp_path):
+    import random
+
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(1), random.seed(2), np.random.seed(3)
+    random.gauss(0, 1)  # leaves a cached gaussian in Python's state
+    save_file(checkpoint.rng_tensors(), tmp_path / "rng.safetensors")
+    expected = (random.random(), random.gauss(0, 1), np.random.rand(), torch.rand(1).item())
+    checkpoint.set_rng_tensors(load_file(tmp_path / "rng.safetensors"))
+    assert (random.random(), random.gauss(0, 1), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_a_checkpoint_counts_only_with_every_ranks_intact_files(tmp_path):
+    import json as js
+
+    for rank in range(2):
+        (tmp_path / f"f{rank}").write_text(f"rank {rank}")
+        marker = {
+            "step": 4,
+            "rank": rank,
+            "world_size": 2,
+            "files": {f"f{rank}": checkpoint.sha256_file(tmp_path / f"f{rank}")},
+        }
+        (tmp_path / checkpoint.marker_name(rank)).write_text(js.dumps(marker))
+    (tmp_path / checkpoint.STATE).write_text("{}")
+    assert checkpoint.verify(tmp_path, 2) is None
+    assert checkpoint.verify(tmp_path, 3) == "incomplete (no marker from rank(s) 2)"
+    (tmp_path / "f1").write_text("rank 1, changed")
+    assert "f1 does not match its checksum" in checkpoint.verify(tmp_path, 2)
+    (tmp_path / checkpoint.marker_name(1)).unlink()
+    assert checkpoint.verify(tmp_path, 2) == "incomplete (no marker from rank(s) 1)"

@@ -1,23 +1,21 @@
-"""End to end through Ray: `ptv2 run` on an embedded local Ray, fault injection with one
-restart, and `ptv2 submit` to a real Ray head started on 127.0.0.1 by the test."""
+"""`ptv2 run`'s path on an embedded local Ray: a worker dies once, Ray Train restarts the group,
+it resumes from the checkpoint in the job's storage and the job keeps one MLflow run; a job
+stopped half-way resumes with --resume in that same run; a bad data row stops the job at once
+(no retry) with its one-line reason."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.helpers import FailOnce
 from tests.tiny import save_tiny, write_task_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 
 def _spec(tmp: Path, **train) -> Path:
@@ -45,110 +43,85 @@ def _spec(tmp: Path, **train) -> Path:
     return path
 
 
-def _env(tmp: Path, **extra) -> dict:
-    # PATH as with an activated venv: the cluster runs the job's `python` from it
-    return {
-        **os.environ,
-        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
-        "PTV2_HOME": str(tmp / "home"),
-        "PYTHONPATH": str(ROOT),
-        "HF_HUB_OFFLINE": "1",
-        "RAY_TMPDIR": _ray_tmp(tmp),
-        **extra,
-    }
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("PTV2_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # Ray's workers unpickle the test's callback
+    short = Path("/tmp") / f"ptv2r{os.getpid()}"  # Ray's socket paths must stay short
+    monkeypatch.setenv("RAY_TMPDIR", str(short))
+    short.mkdir(exist_ok=True)
+    return tmp_path / "home"
 
 
-def _ray_tmp(tmp: Path) -> str:
-    """Ray's socket paths must stay under 107 characters: a short folder in /tmp per test."""
-    d = Path("/tmp") / f"ptv2r{abs(hash(str(tmp))) % 10**8}"
-    d.mkdir(exist_ok=True)
-    return str(d)
-
-
-def _ptv2(args, tmp: Path, timeout=600, **env):
-    return subprocess.run(
-        [str(BIN / "ptv2"), *args], cwd=tmp, env=_env(tmp, **env), capture_output=True, text=True, timeout=timeout
-    )
-
-
-def _runs(tmp: Path, experiment: str = "ptv2"):
+def _runs(home: Path, experiment: str = "ptv2"):
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{tmp / 'home' / 'mlflow' / 'mlflow.db'}")
+    client = mlflow.MlflowClient(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
     exp = client.get_experiment_by_name(experiment)
     return client, client.search_runs([exp.experiment_id]) if exp else []
 
 
-def test_ptv2_run_on_local_ray_with_one_worker_failure(tmp_path):
-    """A worker dies once at step 6; the group restarts, resumes from the step-4 checkpoint, the
-    job succeeds, and there is exactly one MLflow run with the prompt artifact."""
-    spec = _spec(tmp_path, max_failures=1)
-    proc = _ptv2(["run", str(spec)], tmp_path, PTV2_TEST_FAIL_AT_STEP="6")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
+def test_a_dead_worker_restarts_and_resumes_from_storage_in_one_run(tmp_path, home, capfd):
+    from launcher.runner import run_spec
+    from launcher.spec import load_spec
+
+    spec = load_spec(_spec(tmp_path, max_failures=1))
+    summary = run_spec(spec, "", callbacks=[FailOnce(6, 1, tmp_path / "failed-once")])
+    out = capfd.readouterr().out
     assert "test failure injected: rank 1 exits at step 6" in out
     assert "resumed from checkpoint step-00000004 (step 4)" in out
-    client, runs = _runs(tmp_path)
+    assert out.count("[ptv2] rank 0 on node") == 2  # the first worker group, and its restart
+    client, runs = _runs(home)
     assert len(runs) == 1
     run = runs[0]
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.info.run_id == summary.run_id
     assert run.data.params["train.lr"] == "0.05" and run.data.params["model.task"] == "causal-lm"
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "prompt")}
     assert {"prompt/manifest.json", "prompt/prompt.safetensors", "prompt/trainable.safetensors"} <= arts
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert sorted({m.step for m in history}) == list(range(1, 9))
-    assert f"run id:    {run.info.run_id}" in proc.stdout
+    job_dir = home / "runs" / summary.job_id
+    assert summary.artifact == str(job_dir / "prompt") and (job_dir / "prompt" / "manifest.json").is_file()
+    assert run.data.tags["ptv2.final_uri"] == str(job_dir / "prompt")
+    steps = sorted(p.name for p in (job_dir / "checkpoints").glob("step-*"))
+    assert steps == ["step-00000004"]  # 8 is the last step: the prompt, not a checkpoint, holds it
+    assert {f"COMPLETE-rank{r}.json" for r in (0, 1)} <= {
+        p.name for p in (job_dir / "checkpoints" / steps[0]).iterdir()
+    }
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    """A real Ray head on 127.0.0.1 (token auth as Ray 2.60 defaults), stopped afterwards."""
-    env = _env(tmp_path)
-    port = 8265 + (os.getpid() % 200)
-    cmd = [
-        str(BIN / "ray"),
-        "start",
-        "--head",
-        "--num-cpus",
-        "2",
-        "--node-ip-address",
-        "127.0.0.1",
-        "--dashboard-host",
-        "127.0.0.1",
-        "--dashboard-port",
-        str(port),
-        "--port",
-        str(6379 + os.getpid() % 200),
-        "--disable-usage-stats",
-        "--temp-dir",
-        _ray_tmp(tmp_path),
-    ]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(_ray_tmp(tmp_path), ignore_errors=True)
+def test_a_stopped_job_resumes_in_the_same_run(tmp_path, home, capfd):
+    """A job killed after its step-4 checkpoint (max_failures 0: it fails) continues with
+    resume from that checkpoint, in the same MLflow run, to the end."""
+    from ray.train.v2.api.exceptions import TrainingFailedError
+
+    from launcher.runner import run_spec
+    from launcher.spec import load_spec
+
+    spec = load_spec(_spec(tmp_path, max_failures=0))
+    with pytest.raises(TrainingFailedError):
+        run_spec(spec, "", job_id="tiny-stopped", callbacks=[FailOnce(6, 1, tmp_path / "failed-once")])
+    _, [run] = _runs(home)
+    assert run.info.status == "FAILED"
+    summary = run_spec(spec, "", job_id="tiny-stopped", resume=True)
+    assert "resumed from checkpoint step-00000004 (step 4)" in capfd.readouterr().out
+    client, runs = _runs(home)
+    assert [r.info.run_id for r in runs] == [run.info.run_id] and summary.run_id == run.info.run_id
+    assert runs[0].info.status == "FINISHED" and "ptv2.error" not in runs[0].data.tags
+    assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}) == list(range(1, 9))
 
 
-def test_submit_status_logs_to_a_ray_cluster(tmp_path, ray_head):
-    spec = _spec(tmp_path)
-    proc = _ptv2(["submit", str(spec), "--address", ray_head], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    job_id = proc.stdout.strip().splitlines()[-1]
-    assert job_id.startswith("tiny-")
-    deadline = time.time() + 400
-    status = ""
-    while time.time() < deadline:
-        status = _ptv2(["status", job_id, "--address", ray_head], tmp_path).stdout
-        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
-            break
-        time.sleep(3)
-    logs = _ptv2(["logs", job_id, "--address", ray_head], tmp_path).stdout
-    assert "SUCCEEDED" in status, status + logs[-4000:]
-    assert "[ptv2] step 8/8 loss" in logs and "final prompt artifact" in logs
-    assert job_id in _ptv2(["jobs", "--address", ray_head], tmp_path).stdout
-    client, runs = _runs(tmp_path)
-    assert len(runs) == 1 and runs[0].data.tags["ray.job_id"] == job_id
-    assert (tmp_path / "home" / "runs" / job_id / "prompt" / "manifest.json").is_file()
-    assert _ptv2(["status", "no-such-job", "--address", ray_head], tmp_path).returncode == 1
+def test_a_bad_row_fails_fast_without_retries(tmp_path, home, capfd):
+    from launcher.runner import JobFailed, run_spec
+    from launcher.spec import load_spec
+
+    path = _spec(tmp_path, max_failures=3)
+    spec = load_spec(path)
+    with open(tmp_path / "train.jsonl", "a") as f:  # after validation: only the workers can see it
+        f.write('{"prompt": "w1 w2", "response": null}\n')
+    with pytest.raises(JobFailed, match=rf"1 bad row\(s\): {tmp_path / 'train.jsonl'}:row 65: missing response"):
+        run_spec(spec, "")
+    out = capfd.readouterr()
+    assert out.out.count("[ptv2] rank 0 on node") == 1  # Ray never restarted the group
+    _, [run] = _runs(home)
+    assert run.info.status == "FAILED" and "row 65: missing response" in run.data.tags["ptv2.error"]

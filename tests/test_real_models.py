@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from ptv2.artifact import ArtifactError, load_prompt, save_prompt
 from ptv2.assets import chat_pairs, wnut16_sentences
-from ptv2.data import IGNORE_INDEX, collate, encode_generation, encode_tagging
+from ptv2.data import IGNORE_INDEX, collator, encode_generation, encode_tagging
 from ptv2.infer import generate, predict
 from ptv2.model import PromptedModel, load_base_model
 from ptv2.prefix import PromptConfig
@@ -34,7 +34,7 @@ def test_minilm_ner_prompt_learns_predicts_and_reloads(minilm, ner, tmp_path):
     assert model.geometry.num_layers == 6 and model.geometry.kv_width == 384
     n_trainable = sum(p.numel() for _, p in model.trainable_parameters())
     assert n_trainable / sum(p.numel() for p in base.parameters()) < 0.01
-    batch = collate([encode_tagging(tok, s["tokens"], s["tags"], tags, 64) for s in sentences], tok.pad_token_id)
+    batch = collator(tok, "token-cls")([encode_tagging(tok, s["tokens"], s["tags"], tags, 64) for s in sentences])
     losses = fit(model, batch, steps=15, lr=3e-2)
     assert losses[-1] < 0.5 * losses[0], losses
     out = predict(model, tok, [s["tokens"] for s in sentences[:4]])
@@ -75,7 +75,7 @@ def test_smollm2_prompt_learns_responses_and_generates(smollm2):
     n_prompt = len(tok(pairs[0]["prompt"] + "\n")["input_ids"])
     assert feats[0]["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt  # no loss on the prompt
     assert feats[0]["labels"][-1] == tok.eos_token_id
-    batch = collate(feats, tok.pad_token_id)
+    batch = collator(tok, "causal-lm")(feats)
     losses = fit(model, batch, steps=8, lr=1e-2)
     assert losses[-1] < 0.8 * losses[0], losses
 
