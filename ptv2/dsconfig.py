@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import copy
 import json
+from importlib import resources
 from pathlib import Path
 
 from ptv2.settings import TrainJob
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "deepspeed_configs"
+# Package data: ptv2/deepspeed_configs is a link to the repository's top-level folder, and a
+# copy of it inside an installed wheel.
+CONFIG_DIR = Path(str(resources.files("ptv2") / "deepspeed_configs"))
 # Filled from the job; an override may not set them (set the job's own field instead).
 JOB_KEYS = {
     "train_micro_batch_size_per_gpu": "train.micro_batch_size",

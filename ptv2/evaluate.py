@@ -8,6 +8,7 @@ rank sums counts (loss, correct, per-class and per-entity tp/fp/fn); one all-red
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -15,18 +16,19 @@ import torch.nn.functional as F
 from ptv2.data import IGNORE_INDEX, rows
 from ptv2.distributed import all_sum
 
+if TYPE_CHECKING:
+    from ptv2.model import LabelledTokenStats
+
 
 def entity_spans(tags: Sequence[str]) -> set[tuple[str, int, int]]:
-    """(type, start, end) of every BIO entity; an I- tag without a matching B- starts one."""
-    spans, kind, start = set(), None, 0
-    for i, tag in enumerate([*tags, "O"]):
-        prefix, _, typ = tag.partition("-")
-        if kind is not None and (prefix != "I" or typ != kind):
-            spans.add((kind, start, i))
-            kind = None
-        if prefix == "B" or (prefix == "I" and kind is None):
-            kind, start = typ, i
-    return spans
+    """(type, start, end) of every entity in BIO `tags` (end exclusive), chunked by seqeval, the
+    scorer NER results are reported with, in its default mode: conlleval's rules, so an I- tag
+    that does not continue an entity of its type starts one (strict IOB2 would drop it, while
+    the CoNLL and WNUT shared tasks scored with conlleval). Returned as spans, not a score, so
+    each rank counts true positives, predicted and gold entities, and one all-reduce adds them."""
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    return {(kind, start, end + 1) for kind, start, end in get_entities(list(tags))}
 
 
 def shard(n: int, rank: int, world: int) -> list[tuple[int, bool]]:
@@ -47,9 +49,14 @@ def evaluate(
     rank: int,
     world: int,
     device: torch.device,
+    labelled: Callable[..., LabelledTokenStats] | None = None,
 ) -> dict[str, float]:
     """`forward(**batch)` returns logits; `collate` pads a list of examples into a batch.
-    Metrics are identical on every rank."""
+    Metrics are identical on every rank.
+
+    Causal LMs are scored on the device at labelled next tokens only: by `labelled(**batch,
+    labels=...)` where given (e.g. `lambda **b: engine(**b, labelled_stats=True)`: the LM head
+    runs only there), else from `forward`'s logits, gathered there before any copy."""
     items = shard(len(examples), rank, world)
     n_labels = len(labels) if labels else 0
     # sums: [loss, n_loss, correct, n_acc, tp.. (per class or entity), pred.., gold..]
@@ -59,7 +66,24 @@ def evaluate(
         batch = collate(rows(examples, [i for i, _ in chunk]))
         valid = torch.tensor([v for _, v in chunk])
         gold = batch.pop("labels")
-        logits = forward(**{k: v.to(device) for k, v in batch.items()}).float().cpu()
+        inputs = {k: v.to(device) for k, v in batch.items()}
+        if task == "causal-lm":
+            gold = gold.masked_fill(~valid[:, None], IGNORE_INDEX).to(device)  # padded repeats do not count
+            if labelled is not None:
+                stats = labelled(**inputs, labels=gold)
+                loss_sum, count, correct = stats.loss_sum, stats.count, stats.correct
+            else:
+                target = gold[:, 1:]
+                keep = target != IGNORE_INDEX
+                logits = forward(**inputs)[:, :-1][keep].float()  # next-token logits, labelled positions
+                loss_sum = F.cross_entropy(logits, target[keep], reduction="sum")
+                count, correct = keep.sum(), (logits.argmax(-1) == target[keep]).sum()
+            sums[0] += float(loss_sum)
+            sums[1] += int(count)
+            sums[2] += int(correct)
+            sums[3] += int(count)
+            continue
+        logits = forward(**inputs).float().cpu()  # [batch, labels] or [batch, length, labels]: small
         if task == "seq-cls":
             loss = F.cross_entropy(logits, gold, reduction="none")
             pred = logits.argmax(-1)
@@ -73,8 +97,6 @@ def evaluate(
                 sums[4 + n_labels + c] += p.sum()
                 sums[4 + 2 * n_labels + c] += g.sum()
             continue
-        if task == "causal-lm":  # next-token prediction
-            logits, gold = logits[:, :-1], gold[:, 1:]
         mask = (gold != IGNORE_INDEX) & valid[:, None]
         loss = F.cross_entropy(logits.transpose(1, 2), gold.clamp(min=0), reduction="none")
         pred = logits.argmax(-1)

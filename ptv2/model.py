@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +26,8 @@ from transformers import (
     DynamicCache,
     PreTrainedModel,
 )
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast
+from transformers.utils import ModelOutput
 
 from ptv2.prefix import (
     Geometry,
@@ -114,6 +116,39 @@ def head_parameter_names(base: PreTrainedModel, extra: Sequence[str] = ()) -> li
     return names
 
 
+@dataclass
+class LabelledTokenStats(ModelOutput):
+    """Sums over the labelled next tokens of a causal-LM batch (PromptedModel.forward with
+    `labelled_stats=True`); a ModelOutput, so DeepSpeed's engine passes it through."""
+
+    loss_sum: torch.Tensor | None = None
+    count: torch.Tensor | None = None
+    correct: torch.Tensor | None = None
+
+
+def vocab_init_ids(tokenizer) -> torch.Tensor:
+    """The ids init "vocab" should draw from: every token of `tokenizer` but its special ones
+    (padding, BOS/EOS, chat markers carry no meaning a prompt should start from)."""
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    ids = torch.arange(len(tokenizer))
+    return ids[~torch.isin(ids, special)]
+
+
+def _init_vocab(base: PreTrainedModel, vocab: int | Sequence[int] | torch.Tensor | None) -> torch.Tensor:
+    rows = base.get_input_embeddings().num_embeddings
+    if vocab is None:
+        vocab = getattr(base.config, "vocab_size", None) or rows
+    if isinstance(vocab, int):
+        return torch.arange(min(vocab, rows))
+    ids = torch.as_tensor(vocab, dtype=torch.long).flatten()
+    if ids.numel() and ids.min() < 0:
+        raise ValueError(f"init_vocab holds a negative token id ({int(ids.min())})")
+    ids = ids[ids < rows]  # a token without an embedding row cannot start a prompt
+    if ids.numel() == 0:
+        raise ValueError(f"init_vocab holds no token id below the {rows} embedding rows to initialise the prompt from")
+    return ids
+
+
 class PromptedModel(nn.Module):
     """`base` (frozen) + a trainable prompt + an optional trainable task head."""
 
@@ -124,7 +159,12 @@ class PromptedModel(nn.Module):
         task: str,
         trainable_head: Sequence[str] | None = None,
         train_base: bool = False,
+        init_vocab: int | Sequence[int] | torch.Tensor | None = None,
     ) -> None:
+        """`init_vocab`: the token ids init "vocab" draws from: a vocabulary size (ids below it),
+        the allowed ids themselves (`vocab_init_ids(tokenizer)`: the tokenizer's vocabulary less
+        its special tokens), or None for `config.vocab_size`. Always capped by the embedding rows,
+        which checkpoints often pad beyond the vocabulary (rows no token uses)."""
         super().__init__()
         check_task(task)
         self.base = base
@@ -138,6 +178,9 @@ class PromptedModel(nn.Module):
                 f"{g.max_positions} positions"
             )
         self.prompt = build_prompt_module(prompt, g)
+        # how the training data was laid out, for inference (set by load_prompt from the manifest)
+        self.prompt_template: str | None = None
+        self.max_length: int | None = None
         self.head_names = list(trainable_head if trainable_head is not None else head_parameter_names(base))
         heads = set(self.head_names)
         # Full fine-tuning (`train_base`) exists only as a baseline for the quality benchmark.
@@ -151,8 +194,9 @@ class PromptedModel(nn.Module):
         if isinstance(self.prompt, PromptEmbedding) and "inputs_embeds" not in params:
             raise ValueError(f"{type(base).__name__} takes no inputs_embeds: prompt-tuning needs them")
         if self.prompt is not None and prompt.resolved_init(g.kind) == "vocab":
+            allowed = _init_vocab(base, init_vocab)
             # every rank draws the same ids (the loop seeds all ranks alike)
-            self.init_prompt_from_tokens(torch.randint(0, base.get_input_embeddings().num_embeddings, (prompt.length,)))
+            self.init_prompt_from_tokens(allowed[torch.randint(0, len(allowed), (prompt.length,))])
         # init "text" needs the training data: the loop calls init_prompt_from_tokens itself
 
     @torch.no_grad()
@@ -256,15 +300,63 @@ class PromptedModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        labelled_stats: bool = False,
         **kwargs,
     ):
+        """HF's output with the prompt in place. `labelled_stats=True` (causal-lm, with labels;
+        evaluation) returns `LabelledTokenStats` instead: loss sum, count and correct argmax over
+        the labelled next tokens, with the LM head applied there only."""
+        if labelled_stats:
+            return self._labelled_token_stats(input_ids, attention_mask, token_type_ids, labels)
         if self.task == "causal-lm" and labels is not None and self.training and not kwargs:
             return self._response_only_loss(input_ids, attention_mask, token_type_ids, labels)
+        if self.task == "seq-cls" and self.geometry.kind == "decoder":
+            return self._last_token_classification(input_ids, attention_mask, token_type_ids, labels, **kwargs)
         inputs = self.prepare(input_ids, attention_mask, token_type_ids, labels)
         out = self.base(**inputs, use_cache=False, **kwargs)
         if isinstance(self.prompt, PromptEmbedding) and self.task != "seq-cls":
             out.logits = out.logits[:, self.prompt_length :]  # callers see one row per token
         return out
+
+    def _last_token_classification(
+        self, input_ids, attention_mask, token_type_ids, labels, **kwargs
+    ) -> SequenceClassifierOutputWithPast:
+        """A decoder classifies from its last real token, found from the attention mask.
+
+        HF's decoder classifiers look for the last token that is not `pad_token_id` in
+        `input_ids`: with prompt tuning there are no input_ids (inputs_embeds), so they read
+        position -1, a pad under right padding; and a real token equal to the pad id (GPT-2 and
+        Llama-3 pad with EOS) or a config without a pad id defeats the search too. The mask
+        knows, whatever the padding side."""
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        inputs = self.prepare(input_ids, attention_mask, token_type_ids)
+        out = self.base.base_model(**inputs, use_cache=False, **kwargs)
+        positions = torch.arange(length, device=attention_mask.device)
+        last = (positions * attention_mask.bool()).argmax(-1)
+        if isinstance(self.prompt, PromptEmbedding):
+            last = last + self.prompt_length  # the hidden states include the prompt's positions
+        rows = torch.arange(batch, device=last.device)
+        logits = self.base.score(out.last_hidden_state[rows, last.to(out.last_hidden_state.device)])
+        loss = None
+        if labels is not None:
+            loss = self.base.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.base.config)
+        return SequenceClassifierOutputWithPast(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+        )
+
+    def _labelled_logits(self, input_ids, attention_mask, token_type_ids, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token logits [N, vocab] at the N positions whose next token has a label, and those
+        labels [N]: the LM head is applied there only."""
+        if self.task != "causal-lm" or labels is None:
+            raise ValueError(f"labelled-token logits need a causal-lm prompt and labels (task {self.task})")
+        inputs = self.prepare(input_ids, attention_mask, token_type_ids, labels)
+        labels = inputs.pop("labels")
+        hidden = self.base.base_model(**inputs, use_cache=False).last_hidden_state
+        target = labels[:, 1:]
+        keep = target != IGNORE_INDEX
+        return self.base.get_output_embeddings()(hidden[:, :-1][keep]), target[keep]
 
     def _response_only_loss(self, input_ids, attention_mask, token_type_ids, labels) -> CausalLMOutputWithPast:
         """Training loss of a causal LM with the LM head applied only where a label exists.
@@ -272,14 +364,21 @@ class PromptedModel(nn.Module):
         Supervised prompts put the loss on the response alone, so projecting every prompt
         position onto the vocabulary (the largest matrix of a small model) is wasted work; the
         loss equals HF's (mean cross-entropy over labelled next tokens)."""
-        inputs = self.prepare(input_ids, attention_mask, token_type_ids, labels)
-        labels = inputs.pop("labels")
-        hidden = self.base.base_model(**inputs, use_cache=False).last_hidden_state
-        target = labels[:, 1:]
-        keep = target != IGNORE_INDEX
-        logits = self.base.get_output_embeddings()(hidden[:, :-1][keep])
-        loss = F.cross_entropy(logits.float(), target[keep], reduction="sum") / keep.sum().clamp(min=1)
+        logits, target = self._labelled_logits(input_ids, attention_mask, token_type_ids, labels)
+        loss = F.cross_entropy(logits.float(), target, reduction="sum") / max(len(target), 1)
         return CausalLMOutputWithPast(loss=loss, logits=None)
+
+    def _labelled_token_stats(self, input_ids, attention_mask, token_type_ids, labels) -> LabelledTokenStats:
+        """Evaluation sums over the labelled next tokens, on the model's device: a full
+        [batch, length, vocab] logits tensor (~1 GB per batch at a 128k vocabulary) is never
+        built, nor copied to the CPU."""
+        logits, target = self._labelled_logits(input_ids, attention_mask, token_type_ids, labels)
+        logits = logits.float()
+        return LabelledTokenStats(
+            loss_sum=F.cross_entropy(logits, target, reduction="sum"),
+            count=torch.tensor(len(target), device=target.device),
+            correct=(logits.argmax(-1) == target).sum(),
+        )
 
     @torch.no_grad()
     def generate(

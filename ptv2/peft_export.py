@@ -3,8 +3,10 @@
 Our folded prefix already has PEFT's layout ([P, layers·2·token_dim], last dim ordered
 (layer, key|value, kv_head, head_dim), token_dim = kv_heads × head_dim for GQA), so export is a
 rename plus PEFT's `adapter_config.json`. Only causal-LM prompts are exported: PEFT 0.21's prefix
-tuning cannot load into BERT-family classifiers under transformers 5 (see STACK.md), and a
-classification head has no place in a prefix-tuning adapter.
+tuning cannot run BERT-family classifiers under transformers 5 (its `_prefix_tuning_forward`
+looks for a `past_key_values` argument on the model or its backbone, which transformers 5 renamed,
+and raises "Model does not support past key values which are required for prefix tuning."), and
+a classification head has no place in a prefix-tuning adapter.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ptv2 import storage
 from ptv2.prefix import PromptConfig
@@ -26,22 +26,30 @@ class _Strict(BaseModel):
 class ModelSettings(_Strict):
     name_or_path: str = Field(min_length=1, description="a local HF model folder (or a hub id where one is reachable)")
     task: Task
-    labels: list[str] | None = Field(None, description="label names (seq-cls) or tags (token-cls), in id order")
+    labels: list[str] | None = Field(
+        None, validate_default=True, description="label names (seq-cls) or tags (token-cls), in id order"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights and compute: auto = bfloat16 on GPU, float32 on CPU"
     )
     trust_remote_code: bool = Field(False, description="run the model repository's own Python code (off unless set)")
 
-    @model_validator(mode="after")
-    def _labels_fit_task(self) -> ModelSettings:
-        if self.task == "causal-lm" and self.labels:
+    # A field validator (task is declared first, so it is in `info.data`), not a model validator:
+    # the error is then reported at model.labels, the field to fix.
+    @field_validator("labels")
+    @classmethod
+    def _labels_fit_task(cls, labels: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        task = info.data.get("task")
+        if task is None:  # the task itself is invalid and reported
+            return labels
+        if task == "causal-lm" and labels:
             raise ValueError("labels are only for seq-cls and token-cls tasks, not causal-lm")
-        if self.task != "causal-lm":
-            if not self.labels or len(self.labels) < 2:
-                raise ValueError(f"task {self.task} needs at least 2 labels")
-            if len(set(self.labels)) != len(self.labels):
-                raise ValueError(f"labels must be unique, got {self.labels}")
-        return self
+        if task != "causal-lm":
+            if not labels or len(labels) < 2:
+                raise ValueError(f"task {task} needs at least 2 labels")
+            if len(set(labels)) != len(labels):
+                raise ValueError(f"labels must be unique, got {labels}")
+        return labels
 
 
 class DataSettings(_Strict):
@@ -63,11 +71,12 @@ class DataSettings(_Strict):
     )
     max_length: int = Field(128, ge=8, le=131072, description="tokens per example, prompt excluded")
 
-    @model_validator(mode="after")
-    def _template_has_slot(self) -> DataSettings:
-        if "{prompt}" not in self.prompt_template:
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_has_slot(cls, template: str) -> str:
+        if "{prompt}" not in template:
             raise ValueError("prompt_template must contain {prompt}")
-        return self
+        return template
 
 
 class TrainSettings(_Strict):

@@ -79,19 +79,44 @@ def test_manifest_describes_every_tensor_and_file(saved):
 
 
 @torch.no_grad()
-def test_generation_with_the_loaded_prompt(saved):
-    model, path = saved
-    loaded = load_prompt(path, tiny_model("llama"))
-    ids = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])
-    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    new = loaded.generate(ids, mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    assert new.shape == (2, 4)
-    # the first generated token is the argmax of the prompted forward's last logits
-    assert torch.equal(new[:, 0], model(ids, attention_mask=mask).logits[:, -1].argmax(-1))
-    # and the prompt matters: the plain base continues differently for at least one row
-    plain = tiny_model("llama").generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0
-    )[:, 5:]
+def _greedy(model, ids, mask, steps, pad, eos):
+    """Greedy decoding by hand: the prompted forward over the whole sequence at every step, no
+    cache; rows that produced EOS continue with pads, and all done ends it (as HF does)."""
+    new, done = [], torch.zeros(len(ids), dtype=torch.bool)
+    for _ in range(steps):
+        token = model(ids, attention_mask=mask).logits[:, -1].argmax(-1)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        new.append(token)
+        done |= token == eos
+        ids = torch.cat([ids, token[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        if done.all():
+            break
+    return torch.stack(new, 1)
+
+
+@pytest.mark.parametrize(
+    "arch,cfg",
+    [
+        ("llama", PromptConfig(length=4, projection=12)),
+        ("qwen2", PromptConfig(length=3)),
+        ("gpt2", PromptConfig(method="prompt-tuning", length=3)),
+    ],
+)
+def test_generation_with_the_loaded_prompt_is_greedy_decoding_token_for_token(tmp_path, arch, cfg):
+    """The loaded prompt's `generate` (HF generate with the prefix cache or prompt embeddings, left
+    padding) continues every row exactly as greedy decoding with the trained model's forward."""
+    model = _trained(arch, "causal-lm", cfg).eval()
+    path = save_prompt(model, tmp_path / "p", base_name_or_path=f"tiny-{arch}")
+    loaded = load_prompt(path, tiny_model(arch))
+    ids = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7], [0, 0, 0, 9, 8]])
+    mask = (torch.arange(5) >= torch.tensor([[2], [0], [3]])).long()
+    steps, eos = 8, loaded.base.generation_config.eos_token_id
+    new = loaded.generate(ids, mask, max_new_tokens=steps, do_sample=False, pad_token_id=0)  # no_grad inside
+    expected = _greedy(model, ids, mask, steps, pad=0, eos=eos)
+    assert new.shape == expected.shape and torch.equal(new, expected), (new, expected)
+    # and the prompt matters: the plain base continues differently
+    plain = _greedy(tiny_model(arch), ids, mask, steps, pad=0, eos=eos)
     assert not torch.equal(new, plain)
 
 
@@ -171,3 +196,36 @@ def test_existing_folder_is_not_overwritten_and_nothing_half_written(tmp_path, s
         save_prompt(model, tmp_path / "new", base_name_or_path="x", extra={"bad": object()})
     assert not (tmp_path / "new").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize(
+    "files,message",
+    [
+        ({"../../etc/passwd": "0" * 64}, r"names '\.\./\.\./etc/passwd'; an artifact holds only"),
+        ({"/etc/passwd": "0" * 64}, r"names '/etc/passwd'"),
+        ({f"sub/{FOLDED}": "0" * 64}, rf"names 'sub/{FOLDED}'"),
+        ({f"./{FOLDED}": "0" * 64}, rf"names './{FOLDED}'"),
+        ({"..": "0" * 64}, r"names '\.\.'"),
+        ({"notes.txt": "0" * 64}, r"names 'notes.txt'"),
+        ("prompt.safetensors", "'files' must map file names"),
+        ({FOLDED: "0" * 64}, rf"'files' lacks {RAW}"),
+        ({FOLDED: "0" * 64, RAW: 5}, rf"no sha256 hex digest for {RAW}"),
+    ],
+    ids=["parent", "absolute", "subfolder", "dot-slash", "dotdot", "unknown", "not-a-mapping", "missing", "digest"],
+)
+def test_crafted_manifest_file_names_are_refused_before_any_file_is_read(saved, monkeypatch, files, message):
+    """Only the format's own files, by bare name, each with a checksum: a crafted manifest can
+    neither make loading hash a path outside the artifact nor skip a file's checksum."""
+    from ptv2 import artifact
+
+    _, path = saved
+    m = json.loads((path / MANIFEST).read_text())
+    m["files"] = files
+    (path / MANIFEST).write_text(json.dumps(m))
+    opened = []
+    monkeypatch.setattr(artifact, "sha256_file", lambda p: opened.append(p) or "0" * 64)
+    with pytest.raises(ArtifactError, match=message):
+        read_manifest(path)
+    with pytest.raises(ArtifactError, match=message):
+        load_prompt(path, tiny_model("llama"), trainable=True)
+    assert opened == []

@@ -234,6 +234,129 @@ def test_evaluation_counts_each_example_once():
     assert summed[1] == 5 and summed[2] == 2  # 5 examples, 2 of class 1 correct
 
 
+def _over_ranks(world: int, run) -> list[float]:
+    """Run `run(rank)` (an evaluate call) for every rank with all_sum replaced by a sum over them."""
+    import ptv2.evaluate as ev
+
+    totals = []
+    orig = ev.all_sum
+    ev.all_sum = lambda values, device: totals.append(values) or values
+    try:
+        for rank in range(world):
+            run(rank)
+    finally:
+        ev.all_sum = orig
+    return [sum(col) for col in zip(*totals, strict=True)]
+
+
+@pytest.mark.parametrize("method", ["ptv2", "prompt-tuning"])
+@torch.no_grad()
+def test_causal_lm_eval_scores_labelled_tokens_on_the_device_as_from_full_logits(method):
+    """Loss and accuracy from the labelled positions only (from `forward`'s logits, or with the LM
+    head applied there alone through `labelled_stats`) equal those of the full logits over every
+    position, copied to the CPU as before; over 2 ranks, the padded repeat excluded."""
+    import torch.nn.functional as F
+
+    from ptv2.model import PromptedModel
+    from ptv2.prefix import PromptConfig
+    from tests.helpers import randomize_prompt
+    from tests.tiny import tiny_model
+
+    model = PromptedModel(tiny_model("llama"), PromptConfig(method=method, length=3), "causal-lm").eval()
+    randomize_prompt(model, scale=0.5)
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for n in (5, 9, 3, 7, 8):  # odd count: rank 1 pads with a repeat
+        ids = torch.randint(3, 96, (n,), generator=g).tolist()
+        cut = n // 2
+        examples.append({"input_ids": ids, "attention_mask": [1] * n, "labels": [IGNORE_INDEX] * cut + ids[cut:]})
+
+    loss_sum = correct = count = 0.0  # the reference: every example alone, full logits on the CPU
+    for ex in examples:
+        logits = model(torch.tensor([ex["input_ids"]])).logits[0, :-1].float().cpu()
+        gold = torch.tensor(ex["labels"][1:])
+        keep = gold != IGNORE_INDEX
+        loss_sum += F.cross_entropy(logits[keep], gold[keep], reduction="sum").item()
+        correct += (logits[keep].argmax(-1) == gold[keep]).sum().item()
+        count += keep.sum().item()
+
+    head_rows = []
+    hook = model.base.lm_head.register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape[:-1].numel()))
+    cpu, collate = torch.device("cpu"), collator(tiny_tokenizer(), "causal-lm")
+    forward = lambda **b: model(**b).logits  # noqa: E731
+    labelled = lambda **b: model(**b, labelled_stats=True)  # noqa: E731
+    for kwargs in ({}, {"labelled": labelled}):
+        head_rows.clear()
+        s = _over_ranks(2, lambda r: evaluate(forward, examples, "causal-lm", None, 2, collate, r, 2, cpu, **kwargs))  # noqa: B023
+        assert s[1] == s[3] == count
+        assert s[0] / s[1] == pytest.approx(loss_sum / count, abs=1e-6, rel=1e-6)
+        assert s[2] == correct
+        if kwargs:  # the LM head saw only the labelled positions (the padded repeat has none)
+            assert sum(head_rows) == count
+    hook.remove()
+
+
+# (gold, predicted) tags per sentence: well-formed BIO, I- without B-, type changes inside an
+# entity, entities at both ends, sentences without entities, a sub-token position (None) that
+# evaluation ignores, and IOBES single (S-) and end (E-) tags.
+NER = [
+    (["B-per", "I-per", "O", "B-loc"], ["B-per", "I-per", "O", "B-loc"]),
+    (["B-per", "I-per", "I-per", "O"], ["B-per", "I-per", "O", "O"]),
+    (["O", "I-org", "I-org", "O"], ["O", "B-org", "I-org", "O"]),
+    (["B-loc", "I-loc", "B-loc", "O"], ["B-loc", "I-per", "B-loc", "O"]),
+    (["O", "O", "O"], ["B-misc", "O", "I-misc"]),
+    (["B-org", None, "I-org", "O", "B-per"], ["B-org", "O", "I-org", "O", "I-per"]),
+    (["O", "O"], ["O", "O"]),
+    (["B-misc", "I-misc", "I-misc", "I-misc", "B-misc"], ["I-misc", "I-misc", "B-misc", "I-misc", "B-misc"]),
+    (["S-per", "O", "B-loc", "E-loc"], ["S-per", "O", "B-loc", "I-loc"]),  # IOBES tags, as conlleval reads them
+]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_entity_scores_across_ranks_equal_seqeval(world):
+    """Entity precision/recall/F1 summed over ranks equal seqeval's micro scores (default mode)
+    over the same sentences, whatever the number of ranks (and padded repeats)."""
+    from seqeval.metrics import f1_score, precision_score, recall_score
+
+    names = ["O", "B-per", "I-per", "B-loc", "I-loc", "B-org", "I-org", "B-misc", "I-misc", "S-per", "E-loc"]
+    examples, preds = [], []
+    for i, (gold, pred) in enumerate(NER):
+        ids = [10 + i] * len(gold)  # the first id tells the fake model which sentence it reads
+        labels = [IGNORE_INDEX if t is None else names.index(t) for t in gold]
+        examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+        preds.append([names.index(t) for t in pred])
+
+    def forward(input_ids, attention_mask):  # logits whose argmax is the sentence's prediction
+        out = torch.zeros(*input_ids.shape, len(names))
+        for b, row in enumerate(input_ids):
+            out[b, torch.arange(len(preds[row[0] - 10])), torch.tensor(preds[row[0] - 10])] = 1.0
+        return out
+
+    import ptv2.evaluate as ev
+
+    collate = collator(tiny_tokenizer(), "token-cls")
+
+    def run(rank: int) -> dict[str, float]:
+        return evaluate(forward, examples, "token-cls", names, 3, collate, rank, world, torch.device("cpu"))
+
+    orig, per_rank = ev.all_sum, []
+    try:
+        ev.all_sum = lambda values, device: per_rank.append(values) or values
+        for rank in range(world):
+            run(rank)
+        summed = [sum(col) for col in zip(*per_rank, strict=True)]
+        ev.all_sum = lambda values, device: summed  # what the all-reduce hands every rank
+        metrics = run(0)
+    finally:
+        ev.all_sum = orig
+    gold_tags = [[t for t in g if t is not None] for g, _ in NER]
+    pred_tags = [[p for g, p in zip(gold, pred, strict=True) if g is not None] for gold, pred in NER]
+    assert metrics["entity_precision"] == pytest.approx(precision_score(gold_tags, pred_tags), abs=1e-12)
+    assert metrics["entity_recall"] == pytest.approx(recall_score(gold_tags, pred_tags), abs=1e-12)
+    assert metrics["entity_f1"] == pytest.approx(f1_score(gold_tags, pred_tags), abs=1e-12)
+    assert 0 < metrics["entity_f1"] < 1
+
+
 def test_schedules_are_transformers_own_with_warmup():
     from transformers import get_scheduler
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoConfig, DynamicCache
 
-from ptv2.model import PromptedModel, build_from_config
+from ptv2.model import PromptedModel, build_from_config, vocab_init_ids
 from ptv2.prefix import Geometry, PromptConfig, UnsupportedModelError, count_prompt_parameters
 from tests.helpers import randomize_prompt, set_prefix
-from tests.tiny import ARCHS, DECODERS, ENCODERS, tiny_config, tiny_model
+from tests.tiny import ARCHS, DECODERS, ENCODERS, tiny_config, tiny_model, tiny_tokenizer
 
 P, T = 5, 7
 
@@ -177,6 +177,29 @@ def test_vocab_init_is_real_tokens_and_the_default_except_ptv2_on_encoders(metho
     assert PromptConfig(method=method, projection=8).resolved_init("decoder") == "normal"
     with pytest.raises(ValueError, match="need 5 token ids"):
         ref.init_prompt_from_tokens(ids[:2])
+
+
+@pytest.mark.parametrize("method", ["ptv2", "prompt-tuning"])
+def test_vocab_init_draws_real_tokens_only_from_a_padded_embedding(method, monkeypatch):
+    """Checkpoints pad the embedding matrix beyond the vocabulary (rows no token uses): init
+    vocab draws from the tokenizer's tokens, its special ones excluded."""
+    tok = tiny_tokenizer()  # 96 tokens; [PAD] [UNK] [EOS] are 0, 1, 2
+    base = tiny_model("llama")
+    base.resize_token_embeddings(160)  # rows 96..159 belong to no token (config.vocab_size follows)
+    drawn = []
+    monkeypatch.setattr(PromptedModel, "init_prompt_from_tokens", lambda self, ids: drawn.append(ids))
+    cfg = PromptConfig(method=method, length=100, init="vocab")
+    for seed in range(4):
+        torch.manual_seed(seed)
+        PromptedModel(base, cfg, "causal-lm", init_vocab=vocab_init_ids(tok))
+    ids = torch.cat(drawn)
+    assert ids.max() < len(tok) and not torch.isin(ids, torch.tensor(tok.all_special_ids)).any()
+    assert len(ids.unique()) > 80  # all the other tokens are drawn from
+    drawn.clear()
+    PromptedModel(base, cfg, "causal-lm", init_vocab=len(tok))  # a vocabulary size
+    assert drawn[0].max() < len(tok)
+    with pytest.raises(ValueError, match="no token id below the 160 embedding rows"):
+        PromptedModel(base, cfg, "causal-lm", init_vocab=torch.tensor([200, 300]))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

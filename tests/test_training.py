@@ -112,6 +112,38 @@ def test_sequence_classification_ignores_right_padding(arch):
     torch.testing.assert_close(model(padded, attention_mask=mask).logits, alone, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", DECODERS)
+@pytest.mark.parametrize("method", ["ptv2", "prompt-tuning", "none"])
+@pytest.mark.parametrize("pad_id", ["config", "unset"])
+@torch.no_grad()
+def test_decoder_classifier_reads_the_last_real_token_under_right_padding(arch, method, pad_id):
+    """Our collate pads on the right: each row's logits (and the loss) equal those of the row
+    run alone, unpadded, for both methods; also when a real token equals the pad id (GPT-2 and
+    Llama-3 pad with EOS) and when the config sets no pad id."""
+    labels = ["a", "b", "c"]
+    cfg = PromptConfig(method="ptv2" if method == "none" else method, length=0 if method == "none" else 4)
+    model = PromptedModel(tiny_model(arch, "seq-cls", labels), cfg, "seq-cls")
+    if model.prompt is not None:
+        randomize_prompt(model, scale=0.5)
+    pad = model.base.config.pad_token_id
+    if pad_id == "unset":
+        model.base.config.pad_token_id = None
+    seqs = [torch.randint(3, 96, (n,)) for n in (T, 4, 6)]
+    seqs[2][-1] = pad  # a real last token that happens to be the pad id
+    # reference: the head on the final hidden state of the row run alone (no padding anywhere)
+    last = [model.base.base_model(**model.prepare(s[None])).last_hidden_state[:, -1] for s in seqs]
+    alone = model.base.score(torch.cat(last))
+    torch.testing.assert_close(torch.cat([model(s[None]).logits for s in seqs]), alone, rtol=1e-5, atol=1e-5)
+    ids = torch.full((len(seqs), T), pad)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    gold = torch.tensor([0, 2, 1])
+    out = model(ids, attention_mask=mask, labels=gold)
+    torch.testing.assert_close(out.logits, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(alone, gold), rtol=1e-5, atol=1e-6)
+
+
 def test_dropout_only_in_training():
     model = PromptedModel(tiny_model("llama"), PromptConfig(length=4, dropout=0.5), "causal-lm")
     ids = torch.randint(3, 96, (2, T))

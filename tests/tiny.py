@@ -1,7 +1,9 @@
 """Tiny random-init models of every supported architecture (fast unit and distributed tests).
 
-`initializer_range=0.2`: a frozen random model with the default 0.02 cannot be steered by a
-prefix (STACK.md), so the learning tests would stall.
+`initializer_range=0.2`: with the default 0.02 a frozen random model barely responds to its
+prefix, so the learning tests would stall. Measured: 30 AdamW steps (lr 5e-2) on a prefix of 4
+alone move the loss of tiny llama (causal-lm) 4.56 -> 4.48 and of tiny bert (seq-cls) 0.696 ->
+0.694 at 0.02, against 4.96 -> 3.30 and 1.01 -> 0.56 at 0.2.
 """
 
 from __future__ import annotations
@@ -96,15 +98,17 @@ def tiny_model(arch: str, task: str = "causal-lm", labels=None, seed: int = 0):
     return model.eval()
 
 
-def tiny_tokenizer():
-    """A word-level tokenizer over the tiny vocabulary: "w0".."w92" plus [PAD] [UNK] [EOS]."""
+def tiny_tokenizer(pad: bool = True):
+    """A word-level tokenizer over the tiny vocabulary: "w0".."w92" plus [PAD] [UNK] [EOS].
+    `pad=False`: no pad token, like GPT-2, Llama-3 and Mistral ([PAD] stays an ordinary token)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{f"w{i}": i + 3 for i in range(VOCAB - 3)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+    special = {"pad_token": "[PAD]"} if pad else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]", **special)
 
 
 def save_tiny(path, arch: str, task: str = "causal-lm", labels=None, seed: int = 0):
