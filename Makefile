@@ -23,6 +23,8 @@ $(VENV)/.done: pyproject.toml $(PINS) Makefile
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
 	$(PIP) install -c $(PINS) -c $(VENV)/torch-pin.txt setuptools wheel
 	$(PIP) install --no-build-isolation -c $(PINS) -c $(VENV)/torch-pin.txt deepspeed
+	# seqeval ships an sdist whose setup_requires fetches the newest setuptools-scm, which fails
+	$(PIP) install -c $(PINS) "setuptools-scm<9" && $(PIP) install --no-build-isolation --no-deps -c $(PINS) seqeval
 	$(PIP) install -c $(PINS) -c $(VENV)/torch-pin.txt -e ".[dev]"
 	$(PIP) install --no-deps $(ASSETS)
 	touch $@

@@ -433,13 +433,15 @@ def generate(
     model: str = ModelOpt,
     file: Path = typer.Option(None, "--file", help="one input per line"),
     max_new_tokens: int = typer.Option(48, help="tokens to generate per input"),
+    raw: bool = typer.Option(False, "--raw", help="send the texts as they are, without the prompt's stored template"),
 ) -> None:
-    """Continue texts with a causal-LM prompt (greedy); checks the base model's fingerprint first."""
+    """Continue texts with a causal-LM prompt (greedy), laid out with the template it was trained
+    with (unless --raw); checks the base model's fingerprint first."""
     from ptv2.infer import generate as do_generate
 
     m, tok = _load(prompt, model)
     inputs = _inputs(texts, file)
-    for text, answer in zip(inputs, do_generate(m, tok, inputs, max_new_tokens=max_new_tokens), strict=True):
+    for text, answer in zip(inputs, do_generate(m, tok, inputs, max_new_tokens=max_new_tokens, raw=raw), strict=True):
         typer.echo(json.dumps({"input": text, "output": answer}))
 
 

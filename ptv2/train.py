@@ -37,7 +37,7 @@ from ptv2.data import IGNORE_INDEX, BatchStream, DataError, collator, first_toke
 from ptv2.distributed import Dist, all_sum, barrier, gathered, setup
 from ptv2.evaluate import PRIMARY_METRIC, evaluate
 from ptv2.fingerprint import fingerprint
-from ptv2.model import PromptedModel, head_parameter_names, load_base_model
+from ptv2.model import PromptedModel, head_parameter_names, load_base_model, vocab_init_ids
 from ptv2.prefix import Geometry, UnsupportedModelError
 from ptv2.settings import TrainJob
 
@@ -202,7 +202,12 @@ def build_trainee(job: TrainJob, inputs: Inputs, d: Dist) -> Trainee:
     init = deepspeed.zero.Init(config_dict_or_path=inputs.ds_config) if stage == 3 else contextlib.nullcontext()
     with init:
         model = PromptedModel(
-            base, job.prompt, m.task, trainable_head=head_parameter_names(base, missing), train_base=t.train_base
+            base,
+            job.prompt,
+            m.task,
+            trainable_head=head_parameter_names(base, missing),
+            train_base=t.train_base,
+            init_vocab=vocab_init_ids(inputs.tokenizer),
         )
     if model.prompt is not None and job.prompt.init == "text":
         model.init_prompt_from_tokens(first_tokens(inputs.train, job.prompt.length))
@@ -326,6 +331,7 @@ class Run:
             self.d.rank,
             self.d.world_size,
             self.d.device,
+            labelled=lambda **b: engine(**b, labelled_stats=True),
         )
         engine.train()
         return metrics
@@ -347,6 +353,8 @@ class Run:
                 base_fingerprint=trainee.base_fingerprint,
                 tensors=tensors,
                 extra={"step": step, "metrics": self.metrics},
+                template=self.job.data.prompt_template,
+                max_length=self.job.data.max_length,
                 overwrite=True,
             )
             publish(local, location)
