@@ -20,6 +20,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -94,14 +95,10 @@ def _versions() -> dict[str, str]:
 # ---- in every Ray Train worker -------------------------------------------------------------
 class RayCheckpoints(Checkpoints):
     """Checkpoints through Ray Train: each rank reports its own files and Ray merges them into
-    one checkpoint folder in the job's storage, registered only once every rank has reported;
-    after a restart, Ray says which registered checkpoint is the newest."""
-
-    def newest_registered(self) -> str | None:
-        import ray.train
-
-        latest = ray.train.get_checkpoint()
-        return None if latest is None else latest.path.rstrip("/").rsplit("/", 1)[-1]
+    one checkpoint folder in the job's storage (and keeps `num_to_keep` of them). A restart
+    resumes from the newest checkpoint whose every rank's marker and files are there: Ray
+    registers a checkpoint only after its controller has seen every rank's report, which can lag
+    a worker that dies right after its upload, while the markers prove the files complete."""
 
     def commit(self, folder: Path, name: str, metrics: dict, rank: int) -> None:
         import ray.train
@@ -212,6 +209,9 @@ def run_spec(
             else:  # a submitted job: `ptv2 submit` put worker_env() in the job's runtime env
                 ray.init(address=address)
             started_here = True
+        if threading.current_thread() is threading.main_thread():
+            # after ray.init, which installs its own (sys.exit): `ptv2 stop` ends the run as KILLED
+            signal.signal(signal.SIGTERM, _on_sigterm)
         trainer = TorchTrainer(
             worker_loop,
             train_loop_config={
@@ -270,7 +270,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--job-id", help="use this job id (ptv2 submit passes its own)")
     ap.add_argument("--resume", action="store_true", help="continue job --job-id from its newest checkpoint")
     args = ap.parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)  # `ptv2 stop`: end the MLflow run as KILLED
     try:
         spec = load_spec(args.spec)
         s = run_spec(spec, Path(args.spec).read_text(), address=args.address, job_id=args.job_id, resume=args.resume)

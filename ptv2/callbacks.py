@@ -54,4 +54,7 @@ class ConsoleLogger(Callback):
         self._print(rank, f"{kind} prompt artifact (step {step}): {location}")
 
     def on_train_end(self, rank, summary):
-        self._print(rank, "done: " + " ".join(f"{k}={v}" for k, v in summary.items()))
+        self._print(rank, "done: " + " ".join(f"{k}={v}" for k, v in summary.items() if k != "resources"))
+        peaks = [v for k, v in summary.get("resources", {}).items() if k.endswith("/peak_rss_gib")]
+        if peaks:
+            self._print(rank, "peak memory per rank: " + ", ".join(f"{v:.2f} GiB" for v in peaks))

@@ -11,8 +11,7 @@ folder in storage, so ranks on different nodes need no shared disk. A checkpoint
 when the marker of every rank is there and every file matches its checksum: a rank that died
 mid-upload, or a truncated or corrupted file, makes it incomplete and the previous one is used.
 How the files reach storage is the `Checkpoints.commit` step: a plain copy here (torchrun, a
-single process), `ray.train.report` under Ray Train (launcher/runner.py), which also tells which
-checkpoint is the newest registered one.
+single process), `ray.train.report` under Ray Train (launcher/runner.py).
 """
 
 from __future__ import annotations
@@ -152,11 +151,6 @@ class Checkpoints:
     def names(self) -> list[str]:
         return [n for n in storage.listdir(self.location) if re.fullmatch(r"step-\d{8}", n)]
 
-    def newest_registered(self) -> str | None:
-        """The newest checkpoint this job may resume from (Ray Train overrides: its registry)."""
-        names = self.names()
-        return names[-1] if names else None
-
     def commit(self, folder: Path, name: str, metrics: dict, rank: int) -> None:
         """Send this rank's files to storage; the marker goes last, so a rank that dies
         mid-upload leaves the checkpoint incomplete. Collective."""
@@ -194,8 +188,7 @@ class Checkpoints:
     def restore(self, engine, scratch: Path, rank: int, world: int, log: Callable[[str], None]) -> dict | None:
         """Collective. Load the newest complete checkpoint (skipping, with a reason, any that
         is not) and return its state, or None when there is none to resume from."""
-        newest = self.newest_registered()
-        candidates = [n for n in self.names() if newest is not None and n <= newest]
+        candidates = self.names()
         local = scratch / "checkpoint-in"
         chosen = None
         if rank == 0:

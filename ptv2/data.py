@@ -172,7 +172,12 @@ class _Encoder:
         self.labels = list(labels or [])
 
     def __call__(self, batch: dict) -> dict:
-        return {"seq-cls": self._classify, "token-cls": self._tag, "causal-lm": self._generate}[self.task](batch)
+        out = {"seq-cls": self._classify, "token-cls": self._tag, "causal-lm": self._generate}[self.task](batch)
+        out["_error"] = [
+            e or ("" if ids else "tokenizes to no tokens (is the tokenizer right for this text?)")
+            for e, ids in zip(out["_error"], out["input_ids"], strict=True)
+        ]
+        return out
 
     def _classify(self, batch: dict) -> dict:
         s, known = self.s, set(self.labels)
@@ -251,6 +256,9 @@ class _Encoder:
         rows = [
             join_generation(p, r, self.tokenizer.eos_token_id, s.max_length) for p, r in zip(p_ids, r_ids, strict=True)
         ]
+        for i, r in enumerate(r_ids):  # an EOS alone would teach nothing but stopping
+            if ok[i] and not r:
+                errors[i] = "the response tokenizes to no tokens (is the tokenizer right for this text?)"
         return {**{k: [row[k] for row in rows] for k in ("input_ids", "attention_mask", "labels")}, "_error": errors}
 
 

@@ -153,6 +153,10 @@ class MlflowCallback(Callback):
                 if key in info:
                     self.c.set_tag(self.run_id, f"ptv2.{key}", str(info[key]))
 
+    def on_train_end(self, rank, summary):
+        if rank == 0 and summary.get("resources"):
+            self._log(summary["steps"], summary["resources"], "")
+
     def on_step(self, rank, step, metrics):
         if rank == 0:
             self._log(step, metrics, "train/")

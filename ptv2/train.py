@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import math
 import random
+import resource
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -89,12 +90,39 @@ class Trainee:
     base_fingerprint: dict | None
     total_steps: int
     info: dict
+    memory: dict[str, float]  # this rank's: RSS before the model was loaded, frozen bytes held
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+GIB = 1024**3
+
+
+def rss_gib() -> float:
+    """This process's resident memory now."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / GIB
+
+
+def peak_rss_gib() -> float:
+    """This process's largest resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
+def frozen_bytes(model: PromptedModel) -> tuple[int, int]:
+    """(bytes of frozen weights this rank holds, bytes of all frozen weights): under ZeRO-3 a
+    rank holds its partition (`ds_tensor`) of each, otherwise the whole tensor."""
+    held = total = 0
+    for p in model.parameters():
+        if not p.requires_grad:
+            held += getattr(p, "ds_tensor", p).numel() * p.element_size()
+            total += getattr(p, "ds_numel", p.numel()) * p.element_size()
+    return held, total
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:
@@ -194,6 +222,7 @@ def build_trainee(job: TrainJob, inputs: Inputs, d: Dist) -> Trainee:
     from transformers.integrations import HfDeepSpeedConfig
 
     m, t = job.model, job.train
+    rss_before, t0 = rss_gib(), time.time()
     stage = dsconfig.zero_stage(inputs.ds_config)
     hf_ds = HfDeepSpeedConfig(inputs.ds_config) if stage == 3 else None  # must stay alive while loading
     base, missing = load_base_model(m.name_or_path, m.task, m.labels, getattr(torch, inputs.dtype), m.trust_remote_code)
@@ -232,6 +261,8 @@ def build_trainee(job: TrainJob, inputs: Inputs, d: Dist) -> Trainee:
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=inputs.ds_config, dist_init_required=False
     )
+    load_s = time.time() - t0
+    held, total_frozen = frozen_bytes(model)
     n_trainable = sum(getattr(p, "ds_numel", p.numel()) for _, p in model.trainable_parameters())
     n_base = sum(getattr(p, "ds_numel", p.numel()) for p in base.parameters())
     info = {
@@ -249,8 +280,14 @@ def build_trainee(job: TrainJob, inputs: Inputs, d: Dist) -> Trainee:
         "steps": total,
         "base_weights_sha256": (base_fp or {}).get("weights_sha256", "")[:16],
         "storage": job.storage,
+        "load_s": round(load_s, 2),
     }
-    return Trainee(model, engine, scheduler, base_fp, total, info)
+    memory = {
+        "rss_before_load_gib": rss_before,
+        "frozen_resident_gib": held / GIB,
+        "frozen_total_gib": total_frozen / GIB,
+    }
+    return Trainee(model, engine, scheduler, base_fp, total, info, memory)
 
 
 def labelled(batch: dict[str, torch.Tensor], task: str) -> int:
@@ -408,6 +445,7 @@ class Run:
             "lr": trainee.scheduler.get_last_lr()[0],
             "tokens_per_s": all_sum([tokens], self.d.device)[0] / max(elapsed, 1e-9),
             "eta_s": elapsed / done * (trainee.total_steps - step),
+            "step_s": elapsed / done,
             "epoch": step * self.job.train.gradient_accumulation / stream.per_epoch,
             "total_steps": trainee.total_steps,
         }
@@ -421,10 +459,22 @@ class Run:
         if inputs.test is not None:
             self.emit("on_test", total, self.evaluate(trainee, inputs.test, inputs))
         artifact = None if self.job.train.train_base else self.write_artifact(trainee, inputs, "final", total)
-        self.emit(
-            "on_train_end", {"steps": total, "artifact": artifact, **{f"final_{k}": v for k, v in self.metrics.items()}}
-        )
+        summary = {"steps": total, "artifact": artifact, **{f"final_{k}": v for k, v in self.metrics.items()}}
+        self.emit("on_train_end", {**summary, "resources": self.resources(trainee)})
         return artifact
+
+    def resources(self, trainee: Trainee) -> dict[str, float]:
+        """Collective: every rank's memory (RSS before the model was loaded and its peak, frozen
+        weights held) and the load time, as flat metric names."""
+        mine = {**trainee.memory, "peak_rss_gib": peak_rss_gib()}
+        everyone = [mine]
+        if dist.is_initialized() and self.d.world_size > 1:
+            everyone = [None] * self.d.world_size
+            dist.all_gather_object(everyone, mine)
+        out = {"time/load_s": trainee.info["load_s"], "memory/frozen_total_gib": mine["frozen_total_gib"]}
+        for r, mem in enumerate(everyone):
+            out.update({f"memory/rank{r}/{k}": v for k, v in mem.items() if k != "frozen_total_gib"})
+        return out
 
 
 def train(

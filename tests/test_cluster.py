@@ -151,8 +151,21 @@ def cluster(s3, tmp_path_factory):
     add("node-a")
     add("node-b")
     c.wait_for_nodes()
+    from ray.job_submission import JobSubmissionClient
+
+    from launcher.cli import _auth_headers
+
+    address = f"http://127.0.0.1:{port}"
+
+    def jobs_api_up() -> bool:
+        try:
+            return JobSubmissionClient(address, headers=_auth_headers()).list_jobs() is not None
+        except Exception:  # not answering yet
+            return False
+
+    _wait(jobs_api_up, 120, "the Jobs API", step=1)
     try:
-        yield c, f"http://127.0.0.1:{port}", add, nodes
+        yield c, address, add, nodes
     finally:
         c.shutdown()
         for k, v in saved.items():
@@ -162,7 +175,7 @@ def cluster(s3, tmp_path_factory):
                 os.environ[k] = v
 
 
-def _ptv2(args, cwd: Path, timeout=120):
+def _ptv2(args, cwd: Path, timeout=300):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "PTV2_HOME": str(cwd / "home")}
     return subprocess.run([str(BIN / "ptv2"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -301,3 +314,47 @@ def test_a_job_survives_losing_a_node_and_resumes_from_the_object_store(tmp_path
         body = s3.get_object(Bucket=BUCKET, Key=f"{prefix}prompt/{name}")["Body"].read()
         assert (out / name).read_bytes() == body
         assert manifest["files"][name]
+
+
+def test_a_stopped_job_resumes_in_its_own_run(tmp_path, s3, mlflow_server, cluster):
+    """`ptv2 stop` ends the job and its MLflow run as KILLED; `ptv2 submit --resume JOB_ID`
+    continues from the newest checkpoint in the object store, in that same run."""
+    import mlflow
+    from ray.job_submission import JobSubmissionClient
+
+    from launcher.cli import _auth_headers
+
+    _, address, _, _ = cluster
+    spec = _spec(tmp_path, mlflow_server)
+    raw = yaml.safe_load(spec.read_text())
+    raw["name"], raw["tracking"]["experiment"], raw["train"]["max_steps"] = "stopped", "stopped", 150
+    spec.write_text(yaml.safe_dump(raw))
+    proc = _ptv2(["submit", str(spec), "--address", address], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job_id = proc.stdout.strip().splitlines()[-1]
+    jobs = JobSubmissionClient(address, headers=_auth_headers())
+    snapshot = f"jobs/{job_id}/checkpoints/checkpoint_manager_snapshot.json"
+    _wait(
+        lambda: snapshot in _keys(s3, snapshot),
+        240,
+        "a registered checkpoint",
+        context=lambda: jobs.get_job_logs(job_id)[-4000:],
+    )
+
+    proc = _ptv2(["stop", job_id, "--address", address], tmp_path)
+    assert proc.returncode == 0 and "stopping" in proc.stdout, proc.stderr
+    client = mlflow.MlflowClient(mlflow_server)
+    [run] = client.search_runs([client.get_experiment_by_name("stopped").experiment_id])
+    assert run.info.status == "KILLED" and str(jobs.get_job_status(job_id)) in ("STOPPED", "JobStatus.STOPPED")
+
+    proc = _ptv2(["submit", str(spec), "--address", address, "--resume", job_id], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = proc.stdout.strip().splitlines()[-1]
+    assert again.startswith(f"{job_id}-resume-")
+    _wait(lambda: jobs.get_job_status(again).is_terminal(), 600, "the resumed job", step=2)
+    logs = jobs.get_job_logs(again)
+    assert str(jobs.get_job_status(again)).endswith("SUCCEEDED"), logs[-5000:]
+    assert re.search(r"resumed from checkpoint step-\d+ \(step \d+\)", logs), logs[-5000:]
+    [same] = client.search_runs([client.get_experiment_by_name("stopped").experiment_id])
+    assert same.info.run_id == run.info.run_id and same.info.status == "FINISHED"
+    assert "final prompt artifact (step 150)" in logs

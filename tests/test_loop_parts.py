@@ -405,3 +405,19 @@ def test_a_checkpoint_counts_only_with_every_ranks_intact_files(tmp_path):
     assert "f1 does not match its checksum" in checkpoint.verify(tmp_path, 2)
     (tmp_path / checkpoint.marker_name(1)).unlink()
     assert checkpoint.verify(tmp_path, 2) == "incomplete (no marker from rank(s) 1)"
+
+
+def test_text_that_tokenizes_to_nothing_is_a_bad_row(tmp_path):
+    """A tokenizer that does not fit the data must stop the job before training, not train on
+    empty sequences (a tokenizer that drops every character stands in for it)."""
+    import tokenizers
+
+    nothing = tiny_tokenizer()
+    nothing.backend_tokenizer.normalizer = tokenizers.normalizers.Replace(tokenizers.Regex(".*"), "")
+    assert nothing("w1 w2")["input_ids"] == []
+    f = _write(tmp_path / "c.jsonl", [{"text": "w1 w2", "label": "pos"}])
+    with pytest.raises(DataError, match=rf"{f}:row 1: tokenizes to no tokens"):
+        load_examples(f, DataSettings(train_file=str(f)), "seq-cls", ["neg", "pos"], nothing)
+    g = _write(tmp_path / "g.jsonl", [{"prompt": "w1", "response": "w2"}])
+    with pytest.raises(DataError, match=rf"{g}:row 1: the response tokenizes to no tokens"):
+        load_examples(g, DataSettings(train_file=str(g)), "causal-lm", None, nothing)
