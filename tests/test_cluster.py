@@ -184,11 +184,15 @@ def _spec(tmp: Path, tracking_uri: str) -> Path:
     save_tiny(tmp / "model", "llama", "causal-lm")
     write_task_data(tmp / "train.jsonl", "causal-lm", n=64)
     write_task_data(tmp / "dev.jsonl", "causal-lm", n=16, seed=1)
+    import boto3
+
+    boto3.client("s3").upload_file(str(tmp / "dev.jsonl"), BUCKET, "data/dev.jsonl")
     spec = {
         "name": "multinode",
         "model": {"name_or_path": str(tmp / "model"), "task": "causal-lm"},
         "prompt": {"length": 4},
-        "data": {"train_file": "train.jsonl", "validation_file": "dev.jsonl", "max_length": 32},
+        # the training file is shipped with the job; the validation file is read from the store
+        "data": {"train_file": "train.jsonl", "validation_file": f"s3://{BUCKET}/data/dev.jsonl", "max_length": 32},
         "train": {
             "max_steps": 60,
             "lr": 0.05,
@@ -277,6 +281,7 @@ def test_a_job_survives_losing_a_node_and_resumes_from_the_object_store(tmp_path
     resumed = re.search(r"resumed from checkpoint step-(\d+) \(step (\d+)\)", logs)
     assert resumed, logs[-5000:]
     assert "[ptv2] step 60/60 loss" in logs and "final prompt artifact (step 60)" in logs
+    assert "[ptv2] eval step 60: loss" in logs  # the validation file came from the object store
     assert job_id in _ptv2(["jobs", "--address", address], tmp_path).stdout
 
     # one MLflow run, finished, its losses from step 1 to 40
