@@ -157,13 +157,14 @@ def cluster(s3, tmp_path_factory):
 
     address = f"http://127.0.0.1:{port}"
 
-    def jobs_api_up() -> bool:
+    def jobs_api_up() -> bool:  # the head's job agent takes a while to register after start
         try:
-            return JobSubmissionClient(address, headers=_auth_headers()).list_jobs() is not None
-        except Exception:  # not answering yet
+            probe = JobSubmissionClient(address, headers=_auth_headers()).submit_job(entrypoint="true")
+        except Exception:  # not answering yet, or "No available agent"
             return False
+        return bool(probe)
 
-    _wait(jobs_api_up, 120, "the Jobs API", step=1)
+    _wait(jobs_api_up, 300, "the Jobs API to take jobs", step=2)
     try:
         yield c, address, add, nodes
     finally:
