@@ -68,6 +68,8 @@ ResumeOpt = typer.Option(None, "--resume", metavar="JOB_ID", help="continue JOB_
 def run(spec: Path = SpecArg, resume: str = ResumeOpt) -> None:
     """Train SPEC on an embedded local Ray (workers as in resources) and record it in MLflow."""
     s = _spec(spec)
+    if s.sweep is not None:
+        fail(f"{spec} has a sweep: section: run it with `ptv2 sweep {spec}`")
     from launcher.runner import JobFailed, JobStopped, run_spec
 
     try:
@@ -86,6 +88,33 @@ def run(spec: Path = SpecArg, resume: str = ResumeOpt) -> None:
     typer.echo(f"prompt:    {summary.artifact}")
     typer.echo(f"MLflow UI: ptv2 ui    (or: mlflow ui --backend-store-uri {summary.tracking_uri})")
     typer.echo(f"fetch:     ptv2 fetch {summary.run_id} --out ./prompt")
+
+
+@app.command()
+def sweep(
+    spec: Path = SpecArg, resume: str = typer.Option(None, "--resume", metavar="SWEEP_ID", help="continue SWEEP_ID")
+) -> None:
+    """Run SPEC's sweep: section on Ray Tune (embedded local Ray): trials compared in MLflow,
+    early stopping by ASHA, the best trial's prompt tagged (and registered with register_as)."""
+    s = _spec(spec)
+    if s.sweep is None:
+        fail(f"{spec} has no sweep: section (see README, Sweeps)")
+    from launcher.runner import JobFailed, JobStopped
+    from launcher.sweep import columns, run_sweep
+
+    try:
+        summary = run_sweep(s, spec.read_text(), sweep_id=resume, resume=resume is not None)
+    except JobFailed as e:
+        fail(str(e), code=1)
+    except JobStopped:
+        fail("stopped (the sweep's MLflow run is marked KILLED; continue it with --resume SWEEP_ID)", code=130)
+    typer.echo("")
+    typer.echo(f"sweep:     {summary.sweep_id}")
+    typer.echo(f"run id:    {summary.run_id} (parent; one nested run per trial)")
+    typer.echo(f"best:      {summary.metric} {summary.best_value:.4f} in run {summary.best_run_id}")
+    typer.echo("best values: " + ", ".join(f"{k}={v}" for k, v in summary.best_params.items()))
+    _table(summary.trials, columns(summary))
+    typer.echo(f"trials:    ptv2 runs --sweep {summary.sweep_id}")
 
 
 # ---- Ray Jobs API ------------------------------------------------------------------------------
@@ -309,27 +338,35 @@ def _prompts_call(fn, *args, **kwargs):
         fail(str(e), code=1)
 
 
-@app.command()
-def runs(
-    experiment: str = typer.Option(None, "--experiment", "-e", help="only this experiment"),
-    sort: str = typer.Option(None, "--sort", help="sort by this metric, e.g. eval/accuracy (highest first)"),
-    limit: int = typer.Option(50, help="at most this many runs"),
-    tracking_uri: str = UriOpt,
-) -> None:
-    """A table of runs with key params and metrics."""
-    from launcher.prompts import runs_table
-
-    rows = _prompts_call(runs_table, tracking_uri, experiment, sort, limit)
-    if not rows:
-        typer.echo("no runs")
-        return
-    metric_keys = sorted({k for r in rows for k in r if k.startswith("eval/")})
-    cols = ["run_id", "name", "status", "model", "task", "method", "length", "lr", *metric_keys]
-    table = [[str(r.get(c, "")) if not isinstance(r.get(c), float) else f"{r[c]:.4f}" for c in cols] for r in rows]
+def _table(rows: list[dict], cols: list[str]) -> None:
+    table = [[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in table)) for i, c in enumerate(cols)]
     typer.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     for row in table:
         typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+@app.command()
+def runs(
+    experiment: str = typer.Option(None, "--experiment", "-e", help="only this experiment"),
+    sort: str = typer.Option(None, "--sort", help="sort by this metric, e.g. eval/accuracy (highest first)"),
+    sweep: str = typer.Option(None, "--sweep", metavar="SWEEP_ID", help="the trials of this sweep, best first"),
+    limit: int = typer.Option(50, help="at most this many runs"),
+    tracking_uri: str = UriOpt,
+) -> None:
+    """A table of runs with key params and metrics (or of a sweep's trials)."""
+    from launcher.prompts import runs_table, sweep_table
+
+    if sweep:
+        rows, cols = _prompts_call(sweep_table, tracking_uri, sweep)
+    else:
+        rows = _prompts_call(runs_table, tracking_uri, experiment, sort, limit)
+        metric_keys = sorted({k for r in rows for k in r if k.startswith("eval/")})
+        cols = ["run_id", "name", "status", "model", "task", "method", "length", "lr", *metric_keys]
+    if not rows:
+        typer.echo("no runs")
+        return
+    _table(rows, cols)
 
 
 @app.command()

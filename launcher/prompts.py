@@ -152,6 +152,26 @@ def runs_table(uri: str | None, experiment: str | None, sort: str | None, limit:
     return rows
 
 
+def sweep_table(uri: str | None, sweep_id: str) -> tuple[list[dict], list[str]]:
+    """(rows, columns) of a sweep's trials, best first, read from MLflow."""
+    from launcher.sweep import trials
+
+    c = _client(uri)
+    parents = c.search_runs(
+        [e.experiment_id for e in c.search_experiments()],
+        filter_string=f"tags.`ptv2.sweep_id` = '{sweep_id}' and tags.`ptv2.kind` = 'sweep'",
+    )
+    if not parents:
+        raise FetchError(f"no sweep {sweep_id!r} in {tracking.resolve_uri(uri)}")
+    parent = parents[0]
+    tags, params = parent.data.tags, parent.data.params
+    metric, mode = tags["ptv2.sweep_metric"], tags["ptv2.sweep_mode"]
+    names = [k.removeprefix("sweep.parameters.") for k in params if k.startswith("sweep.parameters.")]
+    experiment = c.get_experiment(parent.info.experiment_id).name
+    rows = trials(uri, experiment, sweep_id, metric, mode, names)
+    return rows, ["run_id", "trial", "status", "evaluations", metric, *names]
+
+
 def ui_command(uri: str | None, host: str, port: int) -> list[str]:
     uri = tracking.resolve_uri(uri)
     if not uri.startswith("sqlite:///"):

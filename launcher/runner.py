@@ -104,7 +104,7 @@ class RayCheckpoints(Checkpoints):
         import ray.train
 
         ray.train.report(
-            {k: v for k, v in metrics.items() if isinstance(v, int | float)},
+            {},  # metrics go to Ray with each evaluation (RayEvalReport), not with checkpoints
             checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
             checkpoint_dir_name=name,
             delete_local_checkpoint_after_upload=False,  # Checkpoints.save removes its scratch
@@ -112,6 +112,21 @@ class RayCheckpoints(Checkpoints):
 
     def prune(self) -> None:  # Ray keeps CheckpointConfig(num_to_keep) of them
         pass
+
+
+class RayEvalReport(Callback):
+    """Each evaluation's metrics to Ray (every rank reports, as Ray requires), numbered by
+    `eval_index` (from the step, so a resumed trial goes on counting where it was): what Ray
+    Tune compares trials on and early-stops them by."""
+
+    def __init__(self, eval_every: int) -> None:
+        self.eval_every = eval_every
+
+    def on_eval(self, rank, step, metrics):
+        import ray.train
+
+        index = -(-step // self.eval_every) if self.eval_every else 1
+        ray.train.report({"step": step, "eval_index": index, **metrics})
 
 
 def worker_loop(config: dict) -> None:
@@ -128,6 +143,8 @@ def worker_loop(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     print(f"[ptv2] rank {rank} on node {ray.get_runtime_context().get_node_id()}", flush=True)
     callbacks = [ConsoleLogger(), MlflowCallback(config["tracking_uri"], config["run_id"]), *config["callbacks"]]
+    if config.get("report_eval"):
+        callbacks.append(RayEvalReport(job.train.eval_every))
     checkpoints = RayCheckpoints(storage.join(job.storage, "checkpoints"), job.train.keep_checkpoints)
     try:
         train(job, callbacks, checkpoints)
@@ -161,6 +178,106 @@ def open_run(spec: JobSpec, spec_text: str, job_id: str, uri: str, resume: bool,
     return tracking.start_run(uri, spec.tracking.experiment, job_id, spec.model_dump(mode="json"), tags, spec_text)
 
 
+def ensure_ray(spec: JobSpec, address: str | None) -> bool:
+    """Connect to Ray (a cluster's, or an embedded local one sized for the job when `address` is
+    None); True when this call started the connection. From then on SIGTERM (`ptv2 stop`)
+    raises JobStopped, so the MLflow run ends as KILLED."""
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        if address is None:
+            res = spec.resources
+            # the dashboard (bound to 127.0.0.1) serves the State API Ray Train's cleaner polls
+            ray.init(
+                num_cpus=max(2, int(res.workers * res.cpus_per_worker)),
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                runtime_env={"env_vars": worker_env(spec)},
+                configure_logging=False,
+            )
+        else:  # a submitted job: `ptv2 submit` put worker_env() in the job's runtime env
+            ray.init(address=address)
+        started = True
+    if threading.current_thread() is threading.main_thread():
+        # after ray.init, which installs its own (sys.exit)
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    return started
+
+
+def make_trainer(
+    spec: JobSpec,
+    job_id: str,
+    run_id: str,
+    uri: str,
+    callbacks: Sequence[Callback] = (),
+    report_eval: bool = False,
+    ray_callbacks: Sequence = (),
+):
+    """The Ray Train worker group of one job: its checkpoints and Ray's run state go to the
+    job's storage; `report_eval` reports each evaluation to Ray (what Ray Tune compares)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    res = spec.resources
+    fs, path = storage.resolve(spec.job_storage(job_id))
+    return TorchTrainer(
+        worker_loop,
+        train_loop_config={
+            "job": spec.train_job(job_id).model_dump(mode="json"),
+            "run_id": run_id,
+            "tracking_uri": uri,
+            "callbacks": list(callbacks),
+            "report_eval": report_eval,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=res.workers,
+            use_gpu=res.gpus_per_worker > 0,
+            resources_per_worker={
+                "CPU": res.cpus_per_worker,
+                **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {}),
+            },
+        ),
+        run_config=RunConfig(
+            name="checkpoints",  # Ray keeps its run state and the checkpoints in <job>/checkpoints
+            storage_path=path,
+            storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=spec.train.max_failures),
+            callbacks=list(ray_callbacks),
+        ),
+    )
+
+
+def fit_job(trainer, spec: JobSpec, job_id: str, run_id: str, uri: str) -> dict[str, float]:
+    """Fit the worker group and end the job's MLflow run: FINISHED with the final eval metrics,
+    FAILED with the one-line reason, KILLED when stopped. Returns the metrics."""
+    location = spec.job_storage(job_id)
+    storage.delete(storage.join(location, ERROR_FILE))
+    try:
+        trainer.fit()
+        error = _read_error(location)
+        if error is not None:
+            raise JobFailed(error)
+        # Ray's Result.metrics is empty without a reported checkpoint: the run holds the truth
+        metrics = tracking.latest_metrics(uri, run_id, prefix="eval/")
+    except BaseException as e:
+        tracking.end_run(uri, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", error=str(e))
+        raise
+    tracking.end_run(uri, run_id, "FINISHED", metrics)
+    return metrics
+
+
+def job_tags(job_id: str, location: str, address: str | None) -> dict[str, str]:
+    tags = {"ptv2.job_id": job_id, "ptv2.storage": location, **_versions()}
+    if address is not None:
+        tags["ray.job_id"] = os.environ.get("RAY_JOB_SUBMISSION_ID", job_id)
+    commit = _git_commit()
+    if commit:
+        tags["git.commit"] = commit
+    return tags
+
+
 def run_spec(
     spec: JobSpec,
     spec_text: str,
@@ -173,8 +290,6 @@ def run_spec(
     `address=None` starts an embedded local Ray sized for the job. `callbacks` are added to
     every worker's (they must pickle)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     if resume and job_id is None:
         raise JobFailed("resume needs the id of the job to resume")
@@ -183,73 +298,20 @@ def run_spec(
     if resume and not storage.exists(location):
         raise JobFailed(f"--resume {job_id}: nothing of that job in storage at {location}")
     uri = tracking.resolve_uri(spec.tracking.tracking_uri)
-    tags = {"ptv2.job_id": job_id, "ptv2.storage": location, **_versions()}
-    if address is not None:
-        tags["ray.job_id"] = os.environ.get("RAY_JOB_SUBMISSION_ID", job_id)
-    commit = _git_commit()
-    if commit:
-        tags["git.commit"] = commit
-    run_id = open_run(spec, spec_text, job_id, uri, resume, tags)
+    run_id = open_run(spec, spec_text, job_id, uri, resume, job_tags(job_id, location, address))
     print(f"[ptv2] job {job_id}: MLflow run {run_id} at {uri}; storage {location}", flush=True)
-    res = spec.resources
-    storage.delete(storage.join(location, ERROR_FILE))
-    fs, path = storage.resolve(location)
     started_here = False
     try:
-        if not ray.is_initialized():
-            if address is None:
-                # the dashboard (bound to 127.0.0.1) serves the State API Ray Train's cleaner polls
-                ray.init(
-                    num_cpus=max(2, int(res.workers * res.cpus_per_worker)),
-                    include_dashboard=True,
-                    dashboard_host="127.0.0.1",
-                    runtime_env={"env_vars": worker_env(spec)},
-                    configure_logging=False,
-                )
-            else:  # a submitted job: `ptv2 submit` put worker_env() in the job's runtime env
-                ray.init(address=address)
-            started_here = True
-        if threading.current_thread() is threading.main_thread():
-            # after ray.init, which installs its own (sys.exit): `ptv2 stop` ends the run as KILLED
-            signal.signal(signal.SIGTERM, _on_sigterm)
-        trainer = TorchTrainer(
-            worker_loop,
-            train_loop_config={
-                "job": spec.train_job(job_id).model_dump(mode="json"),
-                "run_id": run_id,
-                "tracking_uri": uri,
-                "callbacks": list(callbacks),
-            },
-            scaling_config=ScalingConfig(
-                num_workers=res.workers,
-                use_gpu=res.gpus_per_worker > 0,
-                resources_per_worker={
-                    "CPU": res.cpus_per_worker,
-                    **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {}),
-                },
-            ),
-            run_config=RunConfig(
-                name="checkpoints",  # Ray keeps its run state and the checkpoints in <job>/checkpoints
-                storage_path=path,
-                storage_filesystem=fs,
-                checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
-                failure_config=FailureConfig(max_failures=spec.train.max_failures),
-            ),
-        )
-        trainer.fit()
-        error = _read_error(location)
-        if error is not None:
-            raise JobFailed(error)
-        # Ray's Result.metrics is empty without a reported checkpoint: the run holds the truth
-        metrics = tracking.latest_metrics(uri, run_id, prefix="eval/")
+        started_here = ensure_ray(spec, address)
+        metrics = fit_job(make_trainer(spec, job_id, run_id, uri, callbacks), spec, job_id, run_id, uri)
         if spec.tracking.register_as:
             from launcher.prompts import register
 
             version = register(uri, run_id, spec.tracking.register_as)
             print(f"[ptv2] registered models:/{spec.tracking.register_as}/{version}", flush=True)
-        tracking.end_run(uri, run_id, "FINISHED", metrics)
     except BaseException as e:
-        tracking.end_run(uri, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", error=str(e))
+        if tracking.client(uri).get_run(run_id).info.status == "RUNNING":  # failed before fitting
+            tracking.end_run(uri, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", error=str(e))
         raise
     finally:
         if started_here:
@@ -272,7 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         spec = load_spec(args.spec)
-        s = run_spec(spec, Path(args.spec).read_text(), address=args.address, job_id=args.job_id, resume=args.resume)
+        text = Path(args.spec).read_text()
+        if spec.sweep is not None:  # a sweep submitted to the cluster
+            from launcher.sweep import run_sweep
+
+            s = run_sweep(spec, text, address=args.address, sweep_id=args.job_id, resume=args.resume)
+            print(f"[ptv2] sweep finished: best run {s.best_run_id}, {s.metric} {s.best_value:.4f}", flush=True)
+            return 0
+        s = run_spec(spec, text, address=args.address, job_id=args.job_id, resume=args.resume)
     except (SpecError, JobFailed) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

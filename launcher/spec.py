@@ -9,12 +9,14 @@ Python objects are refused, and model code runs only with `model.trust_remote_co
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ptv2 import dsconfig, storage, tracking
 from ptv2.settings import TrainJob
@@ -59,6 +61,69 @@ class Tracking(BaseModel):
         return v
 
 
+class Distribution(BaseModel):
+    """Where a swept field's values come from: exactly one of these."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    grid: list | None = Field(None, min_length=1, description="every value, each in its own trial(s)")
+    choice: list | None = Field(None, min_length=1, description="one value drawn per trial")
+    uniform: tuple[float, float] | None = Field(None, description="[low, high], drawn uniformly")
+    loguniform: tuple[float, float] | None = Field(None, description="[low, high], drawn uniformly in log space")
+    integer: tuple[int, int] | None = Field(None, description="[low, high], an integer drawn uniformly, both included")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Distribution:
+        kinds = [k for k in type(self).model_fields if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform, integer (got {kinds or 'none'})")
+        bounds = self.uniform or self.loguniform or self.integer
+        if bounds is not None and not bounds[0] < bounds[1]:
+            raise ValueError(f"[low, high] needs low < high, got {list(bounds)}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {self.loguniform[0]}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in type(self).model_fields if getattr(self, k) is not None)
+
+    def values_to_check(self) -> list:
+        """Every value a trial can get (lists), or the bounds (ranges)."""
+        return list(getattr(self, self.kind))
+
+    def describe(self) -> str:
+        return f"{self.kind} {list(getattr(self, self.kind))}"
+
+
+class EarlyStopping(BaseModel):
+    """ASHA: at each rung (grace_period, then × reduction_factor evaluations) a trial goes on only
+    if its metric is in the best 1/reduction_factor of the trials that reached that rung."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    grace_period: int = Field(1, ge=1, le=100000, description="evaluations every trial gets before it can be stopped")
+    reduction_factor: float = Field(2, gt=1, le=100)
+
+
+class Sweep(BaseModel):
+    """A hyperparameter search over the spec's own fields, run by Ray Tune: one trial = one job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    parameters: dict[str, Distribution] = Field(
+        min_length=1, description="spec fields by dotted path (e.g. train.lr, prompt.length) -> their values"
+    )
+    samples: int = Field(1, ge=1, le=10000, description="trials drawn (each grid point runs this many times)")
+    metric: str | None = Field(None, description="eval metric to optimise (default: the task's primary metric)")
+    mode: Literal["min", "max"] | None = Field(None, description="default: the metric's own direction")
+    max_concurrent: int = Field(0, ge=0, le=10000, description="trials at once; 0: as many as the cluster fits")
+    early_stopping: EarlyStopping | None = Field(
+        default_factory=EarlyStopping, description="ASHA on the metric (null: every trial runs to its end)"
+    )
+    seed: int = Field(0, ge=0, description="seed of the random draws")
+
+
 class JobSpec(TrainJob):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="job name: letters, digits, . _ -")
     storage: str | None = Field(
@@ -69,6 +134,7 @@ class JobSpec(TrainJob):
     )
     resources: Resources = Field(default_factory=Resources)
     tracking: Tracking = Field(default_factory=Tracking)
+    sweep: Sweep | None = Field(None, description="a hyperparameter search over this spec (`ptv2 sweep`)")
 
     def job_storage(self, job_id: str) -> str:
         return storage.join(self.storage or str(tracking.home() / "runs"), job_id)
@@ -224,6 +290,8 @@ def load_spec(path: str | Path, check_files: bool = True, model_on_cluster: bool
         dsconfig.build(spec, spec.resources.workers, "float32")
     except dsconfig.DeepSpeedConfigError as e:
         raise SpecError(f"{path}: {e}") from e
+    if spec.sweep is not None:
+        check_sweep(path, raw, spec)
     if check_files:
         try:
             check_model(spec, on_cluster)
@@ -231,6 +299,82 @@ def load_spec(path: str | Path, check_files: bool = True, model_on_cluster: bool
         except SpecError as e:
             raise SpecError(f"{path}: {e}") from e
     return spec
+
+
+# Sweeping these would change what the sweep is, where it lives, or what it is called.
+NOT_SWEPT = ("name", "sweep", "storage", "tracking")
+
+
+def field_at(path: str) -> None:
+    """Check that a dotted path names a field of the spec; ValueError saying what exists if not."""
+    model: type[BaseModel] = JobSpec
+    parts = path.split(".")
+    if parts[0] in NOT_SWEPT:
+        raise ValueError(f"{parts[0]} cannot be swept")
+    for i, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            where = ".".join(parts[:i]) or "the spec"
+            raise ValueError(f"no such field ({where} has: {', '.join(fields)})")
+        annotation = fields[part].annotation
+        inner = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        nested = next((a for a in inner if issubclass(a, BaseModel)), None)
+        if i < len(parts) - 1:
+            if nested is None:
+                raise ValueError(f"{'.'.join(parts[: i + 1])} has no fields")
+            model = nested
+        elif nested is not None:
+            raise ValueError(f"{path} is a whole section: sweep one of its fields")
+
+
+def with_values(raw: dict, values: dict) -> dict:
+    """A copy of the raw spec with each dotted path set to its value (and no sweep section)."""
+    out = copy.deepcopy(raw)
+    out.pop("sweep", None)
+    for path, value in values.items():
+        node = out
+        *parents, leaf = path.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    return out
+
+
+def check_sweep(path: Path, raw: dict, spec: JobSpec) -> None:
+    """Every swept path names a field, every value a trial can get is valid there, the metric is
+    one the task's evaluation gives, and there is something to evaluate on."""
+    from ptv2.evaluate import METRICS
+
+    sweep = spec.sweep
+    for name, dist in sweep.parameters.items():
+        try:
+            field_at(name)
+        except ValueError as e:
+            raise SpecError(f"{path}: sweep.parameters.{name}: {e}") from e
+        for value in dist.values_to_check():
+            try:
+                JobSpec.model_validate(with_values(raw, {name: value}))
+            except ValidationError as e:
+                err = e.errors()[0]
+                raise SpecError(
+                    f"{path}: sweep.parameters.{name}: value {value!r} is not valid there: "
+                    f"{_loc(err)}: {err['msg'].removeprefix('Value error, ')}"
+                ) from e
+    known = METRICS[spec.model.task]
+    if sweep.metric is not None and sweep.metric not in known:
+        raise SpecError(
+            f"{path}: sweep.metric: {sweep.metric!r} is not an eval metric of {spec.model.task} "
+            f"(one of: {', '.join(known)})"
+        )
+    if spec.data.validation_file is None:
+        raise SpecError(f"{path}: data.validation_file: a sweep compares trials on validation data: set one")
+    if sweep.early_stopping is not None and not spec.train.eval_every:
+        raise SpecError(
+            f"{path}: train.eval_every: early stopping compares trials at evaluations: set eval_every "
+            "(or sweep.early_stopping: null)"
+        )
 
 
 def json_schema() -> dict:

@@ -133,3 +133,15 @@ def evaluate(
 
 
 PRIMARY_METRIC = {"seq-cls": ("accuracy", "max"), "token-cls": ("entity_f1", "max"), "causal-lm": ("loss", "min")}
+# Every metric `evaluate` returns for a task, and whether higher is better.
+METRICS = {
+    "seq-cls": {"loss": "min", "accuracy": "max", "macro_f1": "max"},
+    "token-cls": {
+        "loss": "min",
+        "accuracy": "max",
+        "entity_precision": "max",
+        "entity_recall": "max",
+        "entity_f1": "max",
+    },
+    "causal-lm": {"loss": "min", "accuracy": "max", "perplexity": "min"},
+}

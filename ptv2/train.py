@@ -52,7 +52,14 @@ class JobError(ValueError):
 
 
 # Raised while reading the job's inputs, these are the job's fault, not the machine's.
-DETERMINISTIC = (DataError, dsconfig.DeepSpeedConfigError, UnsupportedModelError, ArtifactError, FileNotFoundError)
+DETERMINISTIC = (
+    JobError,
+    DataError,
+    dsconfig.DeepSpeedConfigError,
+    UnsupportedModelError,
+    ArtifactError,
+    FileNotFoundError,
+)
 
 
 @dataclass
@@ -182,7 +189,13 @@ def read_inputs(job: TrainJob, d: Dist) -> Inputs:
     result, error = None, None
     with node_first(d):
         try:
-            Geometry.of(AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code))
+            geometry = Geometry.of(AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code))
+            need = job.prompt.length + data.max_length
+            if geometry.max_positions is not None and need > geometry.max_positions:
+                raise JobError(
+                    f"prompt.length: {job.prompt.length} prompt positions + data.max_length {data.max_length} = "
+                    f"{need} exceed the {geometry.max_positions} positions {geometry.model_type} allows"
+                )
             dtype = resolve_dtype(m.dtype, d.device)
             ds_config = dsconfig.build(job, d.world_size, dtype)
             tokenizer = AutoTokenizer.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
