@@ -9,6 +9,7 @@ ptv2 submit SPEC --address    submit to a Ray cluster (Ray Jobs API); status/log
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -24,6 +25,7 @@ import yaml
 from launcher.spec import SpecError, json_schema, load_spec
 from ptv2 import storage
 
+STARTED = time.time()  # when this command began: `ptv2 run`'s "submission"
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="P-Tuning v2 training service: specs, Ray jobs, prompts."
 )
@@ -73,7 +75,7 @@ def run(spec: Path = SpecArg, resume: str = ResumeOpt) -> None:
     from launcher.runner import JobFailed, JobStopped, run_spec
 
     try:
-        summary = run_spec(s, spec.read_text(), job_id=resume, resume=resume is not None)
+        summary = run_spec(s, spec.read_text(), job_id=resume, resume=resume is not None, submitted_at=STARTED)
     except JobFailed as e:
         fail(str(e), code=1)
     except JobStopped:
@@ -179,6 +181,61 @@ def cluster_ready(s) -> None:
         )
 
 
+# Run on the cluster with the job's environment: which Python a job gets there and what it has.
+PREFLIGHT = """
+import importlib.metadata as md, json, sys
+out = {"python": sys.executable, "versions": {}}
+for name in ("ptv2", "ray", "torch", "deepspeed", "transformers", "mlflow"):
+    try:
+        out["versions"][name] = md.version(name)
+    except md.PackageNotFoundError:
+        out["versions"][name] = None
+try:
+    import launcher.runner, ptv2.train  # noqa
+except Exception as e:
+    out["import_error"] = f"{type(e).__name__}: {e}"
+print("PTV2-PREFLIGHT " + json.dumps(out))
+"""
+# Must match exactly (ray: client and cluster speak one protocol) or by major.minor.
+EXACT, MINOR = ("ptv2", "ray"), ("torch", "deepspeed", "transformers", "mlflow")
+
+
+def check_cluster_python(client, address: str, env: dict[str, str]) -> None:
+    """Refuse, in one line, a cluster whose job Python cannot run ptv2 or has other versions of
+    the stack than this machine: the job would fail minutes later with a traceback instead."""
+    import shlex
+    from importlib import metadata
+
+    probe = client.submit_job(entrypoint=f"python -c {shlex.quote(PREFLIGHT)}", runtime_env={"env_vars": env})
+    try:
+        for _ in range(240):
+            if client.get_job_status(probe).is_terminal():
+                break
+            time.sleep(0.5)
+        logs = client.get_job_logs(probe)
+    finally:
+        with contextlib.suppress(Exception):
+            client.delete_job(probe)
+    line = next((x for x in logs.splitlines() if x.startswith("PTV2-PREFLIGHT ")), None)
+    fix = "start Ray on every node from the environment where ptv2 is installed (see README, On a Ray cluster)"
+    if line is None:
+        last = next((x for x in reversed(logs.splitlines()) if x.strip()), "no output")
+        fail(f"the cluster at {address} could not run a Python job ({last.strip()[:200]}): {fix}", code=1)
+    found = json.loads(line.removeprefix("PTV2-PREFLIGHT "))
+    if found.get("import_error") or found["versions"].get("ptv2") is None:
+        why = found.get("import_error") or "ptv2 is not installed"
+        fail(f"the cluster's Python ({found['python']}) cannot run ptv2 ({why[:200]}): {fix}", code=1)
+    for name in (*EXACT, *MINOR):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            here, there = metadata.version(name), found["versions"].get(name) or "none"
+            same = here == there if name in EXACT else here.split(".")[:2] == there.split(".")[:2]
+            if not same:
+                fail(
+                    f"{name} {there} on the cluster ({found['python']}) but {here} here: {fix}, at the same versions",
+                    code=1,
+                )
+
+
 def _env_pairs(pairs: list[str] | None) -> dict[str, str]:
     env = {}
     for pair in pairs or []:
@@ -204,6 +261,7 @@ def submit(
     ),
     resume: str = ResumeOpt,
     wait: bool = typer.Option(False, help="follow the logs until the job ends"),
+    preflight: bool = typer.Option(True, help="first check that the cluster's Python runs ptv2 at matching versions"),
 ) -> None:
     """Submit SPEC to a Ray cluster through the Ray Jobs API (ships the spec and its local data)."""
     from launcher.runner import new_job_id, worker_env
@@ -225,11 +283,15 @@ def submit(
         fail(str(e))
     cluster_ready(s)
     client = _client(address)
+    if preflight:
+        check_cluster_python(client, address, worker_env(s, _env_pairs(env)))
     job_id = resume or new_job_id(s.name)
     submission_id = f"{job_id}-resume-{secrets.token_hex(2)}" if resume else job_id
     with tempfile.TemporaryDirectory(prefix="ptv2-submit-") as tmp:
         name = package(spec, Path(tmp), overrides)
-        entrypoint = f"python -m launcher.runner {name} --job-id {job_id}" + (" --resume" if resume else "")
+        entrypoint = f"python -m launcher.runner {name} --job-id {job_id} --submitted-at {time.time():.3f}" + (
+            " --resume" if resume else ""
+        )
         for attempt in range(12):  # a just-started head answers "No available agent" for a while
             try:
                 client.submit_job(
@@ -257,9 +319,39 @@ def submit(
 
 @app.command()
 def status(job_id: str, address: str = AddressOpt) -> None:
-    """Print a submitted job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    """A submitted job's state, and from its MLflow run: step and total, latest loss and eval
+    metrics, ETA, the run id and where its prompt is (or will be)."""
     info = _job_info(job_id, address)
     typer.echo(f"{job_id}: {info.status}" + (f" — {info.message}" if info.message else ""))
+    progress = _progress(info.metadata or {})
+    if progress is None:
+        return
+    p = progress
+    if p["total"]:
+        eta = f", eta {p['eta_s']:.0f} s" if p["eta_s"] is not None and p["step"] < p["total"] else ""
+        loss = f", loss {p['loss']:.4f}" if p["loss"] is not None else ""
+        typer.echo(f"  step:     {p['step']}/{p['total']} ({100 * p['step'] / p['total']:.0f}%){loss}{eta}")
+    if p["eval"]:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(p["eval"].items()))
+        typer.echo(f"  eval:     {shown} (step {p['eval_step']})")
+    typer.echo(f"  MLflow:   run {p['run_id']} ({p['status']}) at {(info.metadata or {}).get('tracking_uri')}")
+    if p["prompt"]:
+        typer.echo(f"  prompt:   {p['prompt']}" + ("" if p["prompt_ready"] else " (when it finishes)"))
+    if p["error"]:
+        typer.echo(f"  error:    {p['error']}")
+
+
+def _progress(meta: dict) -> dict | None:
+    """The job's progress from its MLflow run, or None (not a ptv2 job, or the run is unreachable)."""
+    if not meta.get("tracking_uri") or not meta.get("job_id"):
+        return None
+    from ptv2 import tracking
+
+    try:
+        return tracking.job_progress(meta["tracking_uri"], meta.get("experiment", "ptv2"), meta["job_id"])
+    except Exception as e:  # the tracking server is down or unreachable from here: say so, don't fail
+        typer.echo(f"  (no progress: MLflow at {meta['tracking_uri']} answered {str(e).splitlines()[0][:120]})")
+        return None
 
 
 def _job_info(job_id: str, address: str):
@@ -316,11 +408,25 @@ def jobs(address: str = AddressOpt) -> None:
     """List the jobs of the Ray cluster."""
     client = _client(address)
     rows = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
+    table = []
     for j in rows:
-        name = (j.metadata or {}).get("name", "")
-        typer.echo(f"{j.submission_id or j.job_id}\t{j.status}\t{name}")
-    if not rows:
+        meta = j.metadata or {}
+        p = _progress(meta) if j.status == "RUNNING" or meta.get("ptv2") else None
+        step = f"{p['step']}/{p['total']}" if p and p["total"] else ""
+        loss = f"{p['loss']:.4f}" if p and p["loss"] is not None else ""
+        table.append(
+            {
+                "job": j.submission_id or j.job_id,
+                "state": str(j.status),
+                "name": meta.get("name", ""),
+                "step": step,
+                "loss": loss,
+            }
+        )
+    if not table:
         typer.echo("no jobs")
+        return
+    _table(table, ["job", "state", "name", "step", "loss"])
 
 
 # ---- prompts: runs, fetch, registry, inference, UI -----------------------------------------------

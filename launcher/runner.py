@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -77,6 +78,8 @@ def worker_env(spec: JobSpec, extra: dict[str, str] | None = None) -> dict[str, 
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # else every worker print() appears twice
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",  # ray.train.report() latency 2 s -> 0.2 s
     }
+    if not spec.resources.gpus_per_worker:  # say it, rather than have DeepSpeed warn that it found no GPU
+        env["DS_ACCELERATOR"] = "cpu"
     return {**env, **(extra or {})}
 
 
@@ -129,6 +132,22 @@ class RayEvalReport(Callback):
         ray.train.report({"step": step, "eval_index": index, **metrics})
 
 
+class FirstStep(Callback):
+    """Rank 0 says, and records in MLflow, how long the job took from submission (or `ptv2
+    run`) to its first training step: Ray's start, the worker group, model loading and
+    DeepSpeed's first-use builds all fall in it."""
+
+    def __init__(self, submitted_at: float, uri: str, run_id: str) -> None:
+        self.submitted_at, self.uri, self.run_id, self.done = submitted_at, uri, run_id, False
+
+    def on_step(self, rank, step, metrics):
+        if rank == 0 and not self.done:
+            self.done = True
+            seconds = time.time() - self.submitted_at
+            print(f"[ptv2] first step {seconds:.0f} s after submission", flush=True)
+            tracking.client(self.uri).log_metric(self.run_id, "time/submit_to_first_step_s", seconds, step=step)
+
+
 def worker_loop(config: dict) -> None:
     """Runs in every Ray Train worker: Ray already created the process group."""
     import ray
@@ -143,6 +162,8 @@ def worker_loop(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     print(f"[ptv2] rank {rank} on node {ray.get_runtime_context().get_node_id()}", flush=True)
     callbacks = [ConsoleLogger(), MlflowCallback(config["tracking_uri"], config["run_id"]), *config["callbacks"]]
+    if config.get("submitted_at"):
+        callbacks.append(FirstStep(config["submitted_at"], config["tracking_uri"], config["run_id"]))
     if config.get("report_eval"):
         callbacks.append(RayEvalReport(job.train.eval_every))
     checkpoints = RayCheckpoints(storage.join(job.storage, "checkpoints"), job.train.keep_checkpoints)
@@ -178,16 +199,46 @@ def open_run(spec: JobSpec, spec_text: str, job_id: str, uri: str, resume: bool,
     return tracking.start_run(uri, spec.tracking.experiment, job_id, spec.model_dump(mode="json"), tags, spec_text)
 
 
+# Lines Ray forwards from workers that say nothing to a ptv2 user; they stay in the session's log
+# files. Ray 2.60 warns at ERROR level, for each Train run, that its PreemptionWatcher actor
+# has constructor arguments in the object store (ray-project/ray#53727): not an error of the job.
+NOISE = (re.compile(r"Actor with class name: 'PreemptionWatcher'.*constructor arguments"),)
+
+
+def quiet_known_noise() -> None:
+    """Drop NOISE from the worker output this driver prints. Ray has no public hook for this:
+    wrap its dispatcher's handler (Ray is pinned to 2.60.*; without the hook, nothing changes)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    with dispatcher._lock:
+        handlers = dispatcher.handlers
+        for i, (name, handle) in enumerate(handlers):
+            if name == "ray_print_logs" and not getattr(handle, "ptv2_filtered", False):
+
+                def filtered(data, handle=handle):
+                    lines = [x for x in data.get("lines", []) if not any(p.search(x) for p in NOISE)]
+                    if lines:
+                        handle({**data, "lines": lines})
+
+                filtered.ptv2_filtered = True
+                handlers[i] = (name, filtered)
+
+
 def ensure_ray(spec: JobSpec, address: str | None) -> bool:
     """Connect to Ray (a cluster's, or an embedded local one sized for the job when `address` is
     None); True when this call started the connection. From then on SIGTERM (`ptv2 stop`)
     raises JobStopped, so the MLflow run ends as KILLED."""
     import ray
 
-    started = False
+    started, t0 = False, time.time()
     if not ray.is_initialized():
         if address is None:
             res = spec.resources
+            print(
+                f"[ptv2] starting a local Ray ({max(2, int(res.workers * res.cpus_per_worker))} CPUs) ...", flush=True
+            )
             # the dashboard (bound to 127.0.0.1) serves the State API Ray Train's cleaner polls
             ray.init(
                 num_cpus=max(2, int(res.workers * res.cpus_per_worker)),
@@ -199,6 +250,13 @@ def ensure_ray(spec: JobSpec, address: str | None) -> bool:
         else:  # a submitted job: `ptv2 submit` put worker_env() in the job's runtime env
             ray.init(address=address)
         started = True
+        quiet_known_noise()
+        res = spec.resources
+        print(
+            f"[ptv2] Ray ready in {time.time() - t0:.0f} s; starting {res.workers} worker(s) "
+            "(the first run on a machine also builds DeepSpeed's CPU communication op, ~20 s)",
+            flush=True,
+        )
     if threading.current_thread() is threading.main_thread():
         # after ray.init, which installs its own (sys.exit)
         signal.signal(signal.SIGTERM, _on_sigterm)
@@ -213,10 +271,11 @@ def make_trainer(
     callbacks: Sequence[Callback] = (),
     report_eval: bool = False,
     ray_callbacks: Sequence = (),
+    submitted_at: float | None = None,
 ):
     """The Ray Train worker group of one job: its checkpoints and Ray's run state go to the
     job's storage; `report_eval` reports each evaluation to Ray (what Ray Tune compares)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     res = spec.resources
@@ -229,6 +288,7 @@ def make_trainer(
             "tracking_uri": uri,
             "callbacks": list(callbacks),
             "report_eval": report_eval,
+            "submitted_at": submitted_at,
         },
         scaling_config=ScalingConfig(
             num_workers=res.workers,
@@ -245,6 +305,8 @@ def make_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=spec.train.max_failures),
             callbacks=list(ray_callbacks),
+            # Ray Train's own INFO lines stay in the session's log files, off the console
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
 
@@ -285,6 +347,7 @@ def run_spec(
     job_id: str | None = None,
     resume: bool = False,
     callbacks: Sequence[Callback] = (),
+    submitted_at: float | None = None,
 ) -> RunSummary:
     """Create (or reopen) the MLflow run, run the worker group on Ray, end the run.
     `address=None` starts an embedded local Ray sized for the job. `callbacks` are added to
@@ -303,7 +366,8 @@ def run_spec(
     started_here = False
     try:
         started_here = ensure_ray(spec, address)
-        metrics = fit_job(make_trainer(spec, job_id, run_id, uri, callbacks), spec, job_id, run_id, uri)
+        trainer = make_trainer(spec, job_id, run_id, uri, callbacks, submitted_at=submitted_at or time.time())
+        metrics = fit_job(trainer, spec, job_id, run_id, uri)
         if spec.tracking.register_as:
             from launcher.prompts import register
 
@@ -331,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--address", default="auto")
     ap.add_argument("--job-id", help="use this job id (ptv2 submit passes its own)")
     ap.add_argument("--resume", action="store_true", help="continue job --job-id from its newest checkpoint")
+    ap.add_argument("--submitted-at", type=float, help="when `ptv2 submit` sent the job (seconds since the epoch)")
     args = ap.parse_args(argv)
     try:
         spec = load_spec(args.spec)
@@ -341,7 +406,9 @@ def main(argv: list[str] | None = None) -> int:
             s = run_sweep(spec, text, address=args.address, sweep_id=args.job_id, resume=args.resume)
             print(f"[ptv2] sweep finished: best run {s.best_run_id}, {s.metric} {s.best_value:.4f}", flush=True)
             return 0
-        s = run_spec(spec, text, address=args.address, job_id=args.job_id, resume=args.resume)
+        s = run_spec(
+            spec, text, address=args.address, job_id=args.job_id, resume=args.resume, submitted_at=args.submitted_at
+        )
     except (SpecError, JobFailed) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -35,6 +35,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _init_deepspeed(**kwargs) -> None:
+    """deepspeed.init_distributed, with DeepSpeed's INFO chatter (and its print of the CPU
+    communication op it loads) kept out of the console: the job's progress lines are what a
+    user reads there."""
+    import io
+    import logging
+
+    import deepspeed
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        deepspeed.init_distributed(**kwargs)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    for line in out.getvalue().splitlines():
+        logging.getLogger("ptv2").debug(line)
+
+
 def setup() -> Dist:
     """Join (or create) the process group and pick this rank's device."""
     from deepspeed.accelerator import get_accelerator
@@ -46,13 +63,9 @@ def setup() -> Dist:
             os.environ.update(
                 RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
             )
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend=backend)
+        _init_deepspeed(dist_backend=backend)
     else:  # mode 3: DeepSpeed must adopt the existing group
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+        _init_deepspeed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if acc.device_name() == "cpu":
         device = torch.device("cpu")

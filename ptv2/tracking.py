@@ -40,15 +40,23 @@ def client(uri: str | None = None):
     return MlflowClient(tracking_uri=uri)
 
 
+# The MLflow UI (3.x) opens an experiment in its GenAI view (traces, evaluation runs) unless the
+# experiment says what it is: prompt tuning is fine-tuning, shown with runs and metric charts.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "finetuning")
+
+
 def experiment_id(c, name: str) -> str:
-    """Get or create; a local store gets an explicit artifact location (never ./mlruns)."""
+    """Get or create, tagged as a fine-tuning experiment; a local store gets an explicit
+    artifact location (never ./mlruns)."""
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND[0]) is None:  # made by an older ptv2, or by hand
+            c.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     if c.tracking_uri.startswith("sqlite:///"):
         location = (home() / "mlflow" / "artifacts" / name).as_uri()
-    return c.create_experiment(name, artifact_location=location)
+    return c.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
 
 
 def flatten(d: Mapping, prefix: str = "") -> dict[str, str]:
@@ -98,6 +106,32 @@ def find_job_run(uri: str | None, experiment: str, job_id: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def job_progress(uri: str | None, experiment: str, job_id: str) -> dict | None:
+    """Where job `job_id` stands, as its MLflow run records it: run id and status, step and
+    total, latest loss and ETA, the latest eval metrics, where its prompt is (or will be)."""
+    run_id = find_job_run(uri, experiment, job_id)
+    if run_id is None:
+        return None
+    c = client(uri)
+    run = c.get_run(run_id)
+    m, tags = run.data.metrics, run.data.tags
+    history = c.get_metric_history(run_id, "train/loss")
+    evals = c.get_metric_history(run_id, "eval/loss")
+    return {
+        "run_id": run_id,
+        "status": run.info.status,
+        "step": max((h.step for h in history), default=0),
+        "total": int(tags["ptv2.steps"]) if tags.get("ptv2.steps", "").isdigit() else None,
+        "loss": m.get("train/loss"),
+        "eta_s": m.get("train/eta_s"),
+        "eval": {k.removeprefix("eval/"): v for k, v in m.items() if k.startswith("eval/")},
+        "eval_step": max((h.step for h in evals), default=None),
+        "prompt": tags.get("ptv2.final_uri") or (tags["ptv2.storage"] + "/prompt" if "ptv2.storage" in tags else None),
+        "prompt_ready": "ptv2.final_uri" in tags,
+        "error": tags.get("ptv2.error"),
+    }
+
+
 def reopen_run(uri: str | None, run_id: str) -> None:
     """Mark a stopped or failed run as running again (a resumed job keeps its run)."""
     c = client(uri)
@@ -143,6 +177,7 @@ class MlflowCallback(Callback):
     def on_train_start(self, rank, info):
         if rank == 0:
             for key in (
+                "steps",
                 "base_weights_sha256",
                 "trainable_params",
                 "trainable_share_pct",

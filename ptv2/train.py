@@ -510,7 +510,9 @@ def train(
         d,
     )
     try:
+        run.log(f"reading the tokenizer and data on {d.world_size} rank(s)")
         inputs = read_inputs(job, d)
+        run.log(f"loading the frozen model {job.model.name_or_path} ({len(inputs.train):,} training examples)")
         trainee = build_trainee(job, inputs, d)
         run.resume(trainee)
         run.emit("on_train_start", trainee.info)

@@ -223,6 +223,25 @@ def _wait(predicate, timeout: float, what: str, step: float = 0.5, context=lambd
     raise AssertionError(f"timed out waiting for {what}\n{context()}")
 
 
+def test_submit_refuses_a_cluster_python_without_ptv2(tmp_path, mlflow_server, cluster):
+    """A Ray started outside ptv2's environment runs jobs with a Python that lacks it: submit
+    says so in one line before sending the job (here the job's PATH leads to such a Python)."""
+    _, address, _, _ = cluster
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").symlink_to(sys.base_prefix + "/bin/python3")  # the Python the venv was made from
+    spec = _spec(tmp_path, mlflow_server)
+    proc = _ptv2(
+        ["submit", str(spec), "--address", address, "--env", f"PATH={tmp_path / 'bin'}:/usr/bin:/bin"], tmp_path
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert (
+        "cannot run ptv2" in proc.stderr
+        and "start Ray on every node from the environment where ptv2 is installed" in proc.stderr
+    )
+    assert len(proc.stderr.strip().splitlines()) == 1  # one line, no traceback
+    assert "multinode" not in _ptv2(["jobs", "--address", address], tmp_path).stdout  # nothing was submitted
+
+
 def test_submit_refuses_what_only_one_machine_reaches(tmp_path, mlflow_server):
     spec = _spec(tmp_path, mlflow_server)
     raw = yaml.safe_load(spec.read_text())
@@ -283,12 +302,18 @@ def test_a_job_survives_losing_a_node_and_resumes_from_the_object_store(tmp_path
     assert resumed, logs[-5000:]
     assert "[ptv2] step 60/60 loss" in logs and "final prompt artifact (step 60)" in logs
     assert "[ptv2] eval step 60: loss" in logs  # the validation file came from the object store
-    assert job_id in _ptv2(["jobs", "--address", address], tmp_path).stdout
+    jobs_table = _ptv2(["jobs", "--address", address], tmp_path).stdout
+    assert re.search(rf"{job_id}\s+SUCCEEDED\s+multinode\s+60/60", jobs_table), jobs_table
 
-    # one MLflow run, finished, its losses from step 1 to 40
+    # one MLflow run, finished, its losses from step 1 to 60; `ptv2 status` reads it
     client = mlflow.MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("multinode")
     [run] = client.search_runs([exp.experiment_id])
+    assert exp.tags["mlflow.experimentKind"] == "finetuning"  # the UI opens its training view
+    assert run.data.metrics["time/submit_to_first_step_s"] > 0
+    status = _ptv2(["status", job_id, "--address", address], tmp_path).stdout
+    assert "step:     60/60 (100%), loss" in status and f"MLflow:   run {run.info.run_id} (FINISHED)" in status
+    assert f"prompt:   s3://{BUCKET}/{prefix}prompt" in status and "eval:     accuracy" in status
     assert run.info.status == "FINISHED" and run.data.tags["ray.job_id"] == job_id
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
     assert steps == set(range(1, 61))
