@@ -511,6 +511,8 @@ def serve_prompts(
 ) -> None:
     """Serve many prompts on one frozen base model over HTTP (Ray Serve): requests for different
     prompts share batches. API: /v1/predict, /v1/generate, /v1/completions (OpenAI), /v1/prompts."""
+    from pydantic import ValidationError
+
     from launcher import serve as srv
     from ptv2 import tracking
 
@@ -538,7 +540,7 @@ def serve_prompts(
             host=host,
             port=port,
             replicas=replicas,
-            cpus_per_replica=cpus_per_replica or (os.cpu_count() or 1 if replicas == 1 and not ray_address else 1),
+            cpus_per_replica=cpus_per_replica or ((os.cpu_count() or 1) if replicas == 1 and not ray_address else 1),
             gpus_per_replica=gpus_per_replica,
             dtype=dtype,
             max_batch_size=max_batch_size,
@@ -551,8 +553,10 @@ def serve_prompts(
             cache_dir=str(Path(cache).resolve()),
             refresh_s=refresh_s,
         )
-    except (srv.ServeError, ValueError) as e:
-        fail(str(e).splitlines()[0] if not isinstance(e, srv.ServeError) else str(e))
+    except srv.ServeError as e:
+        fail(str(e))
+    except ValidationError as e:  # an option out of range, named as on the command line
+        fail("; ".join(f"--{'-'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}" for x in e.errors()))
     if not srv.is_loopback(host) and options.token_sha256 is None:
         typer.echo(f"warning: serving on {host} without a token: anyone who reaches it can use it", err=True)
     try:

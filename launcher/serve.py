@@ -512,7 +512,7 @@ class PromptServer:
         try:
             sv.check_name(name)
             await self._sync()
-            if name in self.bank:
+            with contextlib.suppress(sv.UnknownPrompt):
                 return self.bank.get(name)
             if name not in self.entries:
                 await self._sync(force=True)
@@ -521,10 +521,9 @@ class PromptServer:
         except sv.ServingError as e:
             raise _serving_error(e) from e
         try:
-            await self._load(self.entries[name])
+            return await self._load(self.entries[name])
         except (ArtifactError, FetchError, OSError) as e:
             raise HTTPError(503, f"prompt {name!r} is served but could not be loaded: {e}", "server_error") from e
-        return self.bank.get(name)
 
     async def _refresh(self) -> list[dict]:
         """Re-resolve every alias; a moved one is verified here first, then the catalogue moves."""

@@ -128,6 +128,17 @@ class ServedBase:
         self._heads: dict[str, _HeadTemplate] = {}
         # one forward at a time: batches from several callers must not interleave on the model
         self.lock = threading.Lock()
+        # a fast tokenizer's Rust state is borrowed mutably by truncation settings: callers in
+        # several threads (request handlers, batch workers) take turns
+        self._tok_lock = threading.Lock()
+
+    def tokenize(self, text, **kwargs):
+        with self._tok_lock:
+            return self.tokenizer(text, **kwargs)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        with self._tok_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     @classmethod
     def load(
@@ -136,16 +147,18 @@ class ServedBase:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         trust_remote_code: bool = False,
+        tokenizer=None,
         **kwargs,
     ) -> ServedBase:
-        """`kwargs` go to `from_pretrained` (e.g. attn_implementation)."""
+        """`tokenizer`: default the base's own; `kwargs` go to `from_pretrained` (e.g. attn_implementation)."""
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         geometry = Geometry.of(config)  # refuse unsupported architectures before loading a weight
         auto = AutoModelForCausalLM if geometry.kind == "decoder" else AutoModel
         model = auto.from_pretrained(
             name_or_path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
         )
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         return cls(model.to(device), tokenizer, str(name_or_path))
 
     @property
@@ -234,8 +247,9 @@ class ServedBase:
         config = self.config if g.kind == "decoder" else None
         if prefix == 0:
             return DynamicCache(config=config)
-        buf = torch.zeros(g.num_layers, 2, len(rows), g.num_kv_heads, prefix, g.head_dim, dtype=self.dtype)
-        buf = buf.to(self.device)
+        buf = torch.zeros(
+            g.num_layers, 2, len(rows), g.num_kv_heads, prefix, g.head_dim, dtype=self.dtype, device=self.device
+        )
         for i, r in enumerate(rows):
             r.prompt.piece.write_prefix(buf[:, :, i])
         return DynamicCache([(buf[n, 0], buf[n, 1]) for n in range(g.num_layers)], config=config)
@@ -426,7 +440,10 @@ class LoadedPrompt:
         manifest = read_manifest(path)
         base.verify(manifest, name)
         task = manifest.get("task")
-        config = PromptConfig(**manifest["prompt"])
+        try:
+            config = PromptConfig(**manifest["prompt"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{path}: the manifest's prompt settings are not valid: {e}") from e
         labels = manifest.get("labels")
         with safe_open(path / FOLDED, "pt") as sf:
             tensors = {k: sf.get_tensor(k) for k in sf.keys()}
@@ -604,22 +621,22 @@ def encode_predict(
         words = text.split() if isinstance(text, str) else list(text)
         if not words or not all(isinstance(w, str) and w.strip() for w in words):
             raise BadInput("empty input: token-cls needs words to tag (a text, or a list of non-empty words)")
-    elif not isinstance(text, str) or not text.strip():
+    elif not isinstance(text, str):
+        raise BadInput("seq-cls classifies a text, not a list of words")
+    elif not text.strip():
         raise BadInput("empty input: seq-cls needs a non-empty text")
-    tok = base.tokenizer
     capacity = _capacity(base, prompt, max_input_tokens)
     limit = min(prompt.max_length or capacity, capacity)
     kwargs = {"is_split_into_words": True} if words is not None else {}
     source = [words] if words is not None else [text]
-    enc = tok(source, **kwargs)
+    enc = base.tokenize(source, **kwargs)
     n = len(enc["input_ids"][0])
+    if n == 0:
+        raise BadInput("the input has no tokens for this tokenizer")
     if n > limit:
-        if not truncate or n > capacity * 64:  # far past any use: refuse, whatever truncate says
-            raise InputTooLong(
-                f"input is {n} tokens; prompt {prompt.name!r} takes at most {limit}"
-                + ("" if truncate else " (set truncate to cut it)")
-            )
-        enc = tok(source, truncation=True, max_length=limit, **kwargs)
+        if not truncate:
+            raise InputTooLong(f"input is {n} tokens; prompt {prompt.name!r} takes at most {limit} (or set truncate)")
+        enc = base.tokenize(source, truncation=True, max_length=limit, **kwargs)
     return PredictRow(
         prompt=prompt,
         ids=list(enc["input_ids"][0]),
@@ -654,7 +671,9 @@ def encode_generate(
             f"sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0 (got {temperature}, {top_p}, {top_k})"
         )
     laid_out = text if raw else apply_template(prompt.template, [text])[0]
-    ids = base.tokenizer(laid_out)["input_ids"]
+    ids = base.tokenize(laid_out)["input_ids"]
+    if not ids:
+        raise BadInput("the input has no tokens for this tokenizer")
     capacity = _capacity(base, prompt, max_input_tokens)
     if len(ids) + max_new_tokens > capacity:
         raise InputTooLong(
@@ -776,7 +795,6 @@ def generate(base: ServedBase, rows: Sequence[GenerateRow]) -> list[Generation]:
         return []
     if base.lm_head is None:
         raise WrongTask("the served base has no LM head to generate with")
-    tok = base.tokenizer
     eos = _eos_ids(base)
     samplers = [_Sampler(r, base.device) for r in rows]
     new: list[list[int]] = [[] for _ in rows]
@@ -798,7 +816,7 @@ def generate(base: ServedBase, rows: Sequence[GenerateRow]) -> list[Generation]:
                 reason = "stop" if token in eos else None
                 if reason is None:
                     new[i].append(token)
-                text = tok.decode(new[i], skip_special_tokens=True) if r.stop or reason else None
+                text = base.decode(new[i]) if r.stop or reason else None
                 cut = _stopped(text, r.stop) if r.stop else None
                 if cut is not None:
                     reason, text = "stop", text[:cut]
@@ -808,7 +826,7 @@ def generate(base: ServedBase, rows: Sequence[GenerateRow]) -> list[Generation]:
                     keep.append(j)
                     tokens.append(token)
                 else:
-                    text = tok.decode(new[i], skip_special_tokens=True) if text is None else text
+                    text = base.decode(new[i]) if text is None else text
                     done[i] = Generation(text, reason, len(r.ids), new[i])
             if not keep:
                 break

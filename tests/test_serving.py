@@ -39,11 +39,12 @@ ENCODER_PROMPTS = [
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
     d = tmp_path_factory.mktemp("bases")
-    return {arch: save_base(d / arch, arch) for arch in ("llama", "gpt2", "bert")}
+    return {arch: save_base(d / arch, arch) for arch in ("llama", "gpt2", "bert", "qwen2", "roberta")}
 
 
 def _bank(tmp_path, base_dir, specs, attn="sdpa", **bank_kwargs):
-    served = sv.ServedBase.load(base_dir, attn_implementation=attn)
+    # the tiny word-level tokenizer itself: AutoTokenizer maps a qwen2 folder to Qwen2's own class
+    served = sv.ServedBase.load(base_dir, tokenizer=tiny_tokenizer(), attn_implementation=attn)
     bank = sv.PromptBank(served, **bank_kwargs)
     for i, (task, method, length) in enumerate(specs):
         bank.load(f"p{i}", make_prompt(tmp_path / f"p{i}", base_dir, task, method, length, seed=i))
@@ -66,10 +67,19 @@ def _alone_logits(model, row):
 
 
 @pytest.mark.parametrize(
-    "arch,attn", [("llama", "sdpa"), ("llama", "eager"), ("gpt2", "sdpa"), ("bert", "sdpa"), ("bert", "eager")]
+    "arch,attn",
+    [
+        ("llama", "sdpa"),
+        ("llama", "eager"),
+        ("gpt2", "sdpa"),
+        ("bert", "sdpa"),
+        ("bert", "eager"),
+        ("qwen2", "sdpa"),  # head_dim != hidden / heads, one kv head
+        ("roberta", "sdpa"),  # positions from padding_idx + 1, a two-layer classification head
+    ],
 )
 def test_each_row_of_a_mixed_batch_equals_its_prompt_alone(tmp_path, bases, arch, attn):
-    specs = ENCODER_PROMPTS if arch == "bert" else DECODER_PROMPTS
+    specs = ENCODER_PROMPTS if arch in ("bert", "roberta") else DECODER_PROMPTS
     served, bank = _bank(tmp_path, bases[arch], specs, attn)
     prompts = [bank.get(f"p{i}") for i in range(len(specs))]
     assert {p.piece.method for p in prompts} >= {"ptv2", "prompt-tuning"}
@@ -237,12 +247,16 @@ def test_bad_inputs_are_refused_by_name(tmp_path, bases):
         sv.encode_predict(served, cls, "   ")
     with pytest.raises(sv.BadInput, match="empty input"):
         sv.encode_predict(served, tag, [])
+    with pytest.raises(sv.BadInput, match="seq-cls classifies a text, not a list of words"):
+        sv.encode_predict(served, cls, ["w1", "w2"])
     with pytest.raises(sv.WrongTask, match="'p1' is a causal-lm prompt; predict needs seq-cls or token-cls"):
         sv.encode_predict(served, lm, "w1")
     with pytest.raises(sv.WrongTask, match="generate needs causal-lm"):
         sv.encode_generate(served, cls, "w1")
     long = " ".join(["w5"] * 200)  # tiny llama: 128 positions
-    with pytest.raises(sv.InputTooLong, match="input is 200 tokens; prompt 'p0' takes at most 125"):
+    with pytest.raises(
+        sv.InputTooLong, match="input is 200 tokens; prompt 'p0' takes at most 125 \\(or set truncate\\)"
+    ):
         sv.encode_predict(served, cls, long, truncate=False)
     assert len(sv.encode_predict(served, cls, long).ids) == 125  # cut, as ptv2 predict does
     with pytest.raises(sv.InputTooLong, match="leaves room for 125"):
