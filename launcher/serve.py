@@ -32,7 +32,8 @@ import secrets
 import signal
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -50,6 +51,7 @@ logger = logging.getLogger("ptv2.serve")
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 MAX_CHARS = 100_000  # per text: far past any model's positions; the token check says what is too long
 APP_NAME = "ptv2"
+BATCHES_IN_FLIGHT = 8  # per replica and kind: batches Ray hands over while the model computes
 
 
 class ServeError(ValueError):
@@ -421,6 +423,61 @@ def _split(flat: list, jobs: list[list]) -> list[list]:
     return out
 
 
+class ModelQueue:
+    """Rows wait here for the model; each run takes every row waiting (whole requests, up to
+    `max_rows`), so batches fill while the previous one computes.
+
+    @serve.batch forms a batch as soon as its wait ends, also while the model is still busy with
+    the one before (Ray's batch queue takes the next batch, then waits for its concurrency permit):
+    under load it hands over many small batches, one or two requests each (benchmarks/SERVING.md).
+    Its batches are merged here before each forward."""
+
+    def __init__(self, run, max_rows: int) -> None:
+        self.run, self.max_rows = run, max_rows
+        self._jobs: deque[tuple[list, asyncio.Future]] = deque()
+        self._ready: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def submit(self, rows: list) -> list:
+        loop = asyncio.get_running_loop()
+        if self._worker is None:
+            self._ready = asyncio.Event()
+            self._worker = loop.create_task(self._serve())
+        future = loop.create_future()
+        self._jobs.append((rows, future))
+        self._ready.set()
+        return await future
+
+    def _take(self) -> list[tuple[list, asyncio.Future]]:
+        jobs, n = [], 0
+        while self._jobs and (not jobs or n + len(self._jobs[0][0]) <= self.max_rows):
+            rows, future = self._jobs.popleft()
+            if not future.cancelled():
+                jobs.append((rows, future))
+                n += len(rows)
+        if not self._jobs:
+            self._ready.clear()
+        return jobs
+
+    async def _serve(self) -> None:
+        while True:
+            await self._ready.wait()
+            jobs = self._take()
+            if not jobs:
+                continue
+            flat = [row for rows, _ in jobs for row in rows]
+            try:
+                results = await asyncio.to_thread(self.run, flat)
+            except Exception as e:  # the batch's callers get the error; the queue goes on
+                for _, future in jobs:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            for (_, future), part in zip(jobs, _split(results, [rows for rows, _ in jobs]), strict=True):
+                if not future.done():
+                    future.set_result(part)
+
+
 # ---- the replicas -------------------------------------------------------------------------------------------
 @serve.deployment
 @serve.ingress(app)
@@ -455,6 +512,10 @@ class PromptServer:
         for method in (self._predict_batch, self._generate_batch):
             method.set_max_batch_size(self.o.max_batch_size)
             method.set_batch_wait_timeout_s(wait)
+        self.queues = {
+            "predict": ModelQueue(partial(self._run, "predict"), self.o.max_batch_size),
+            "generate": ModelQueue(partial(self._run, "generate"), self.o.max_batch_size),
+        }
         # the prompts the server starts with must all load: a bad one stops the start, by name
         await self._sync(force=True, strict=True)
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
@@ -577,8 +638,13 @@ class PromptServer:
             )
 
     # ---- batches ---------------------------------------------------------------------------------------
-    def _run(self, fn, rows: list) -> list:
-        """`fn` over `rows` as one mixed batch, or (baseline) one batch per prompt in turn."""
+    def _run(self, kind: str, rows: list) -> list:
+        """One forward batch (predict) or one generation batch over `rows`, all prompts mixed,
+        or (the baseline) one batch per prompt in turn."""
+        from ptv2 import serving as sv
+
+        self._count(kind, rows)
+        fn = sv.predict if kind == "predict" else sv.generate
         if self.o.batching == "mixed":
             return fn(self.base, rows)
         out: list = [None] * len(rows)
@@ -597,21 +663,25 @@ class PromptServer:
         s["prompts"] += len({id(r.prompt) for r in rows})
         s["largest"] = max(s["largest"], len(rows))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, batch_size_fn=_count_rows)
+    # Ray may hand over the next batches while the model is busy (max_concurrent_batches): they
+    # meet in the model's queue, which the forward drains.
+    @serve.batch(
+        max_batch_size=16,
+        batch_wait_timeout_s=0.005,
+        max_concurrent_batches=BATCHES_IN_FLIGHT,
+        batch_size_fn=_count_rows,
+    )
     async def _predict_batch(self, jobs: list[list]) -> list[list[dict]]:
-        from ptv2 import serving as sv
+        return _split(await self.queues["predict"].submit([row for job in jobs for row in job]), jobs)
 
-        flat = [row for job in jobs for row in job]
-        self._count("predict", flat)
-        return _split(await asyncio.to_thread(self._run, sv.predict, flat), jobs)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, batch_size_fn=_count_rows)
+    @serve.batch(
+        max_batch_size=16,
+        batch_wait_timeout_s=0.005,
+        max_concurrent_batches=BATCHES_IN_FLIGHT,
+        batch_size_fn=_count_rows,
+    )
     async def _generate_batch(self, jobs: list[list]) -> list[list]:
-        from ptv2 import serving as sv
-
-        flat = [row for job in jobs for row in job]
-        self._count("generate", flat)
-        return _split(await asyncio.to_thread(self._run, sv.generate, flat), jobs)
+        return _split(await self.queues["generate"].submit([row for job in jobs for row in job]), jobs)
 
     def _encode(self, fn, *args, **kwargs):
         from ptv2 import serving as sv
@@ -793,7 +863,7 @@ def build_app(options: ServeOptions, entries: list[dict]):
     server = PromptServer.options(
         num_replicas=options.replicas,
         # room for a full predict batch, a full generate batch and the next ones queueing
-        max_ongoing_requests=4 * options.max_batch_size,
+        max_ongoing_requests=BATCHES_IN_FLIGHT * options.max_batch_size,
         ray_actor_options=actor,
         max_constructor_retry_count=1,  # a prompt that does not verify will not verify on a retry
         health_check_period_s=10,
@@ -806,6 +876,8 @@ def start(options: ServeOptions, entries: list[dict], address: str | None = None
     raises ServeError with the replica's reason when the application does not start."""
     import ray
 
+    if address is None:
+        _check_port(options.host, options.port)
     started_ray = False
     if not ray.is_initialized():
         if address:
@@ -820,6 +892,17 @@ def start(options: ServeOptions, entries: list[dict], address: str | None = None
     except Exception as e:
         stop(started_ray, address)
         raise ServeError(_reason(e)) from e
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse a port something else holds now (Serve's proxy would only log its failure)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ServeError(f"cannot listen on {host}:{port}: {e.strerror}") from e
 
 
 def _reason(exc: Exception) -> str:

@@ -51,9 +51,13 @@ def call(url: str, path: str, body=None, token: str | None = TOKEN, raw: bytes |
     req = urllib.request.Request(url + path, data=data, headers=h, method="POST" if data is not None else "GET")
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
+            status, text = r.status, r.read()
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null")
+        status, text = e.code, e.read()
+    try:
+        return status, json.loads(text)
+    except ValueError:  # not JSON: kept whole, so a failing assertion shows it
+        return status, {"not_json": text.decode(errors="replace")[:2000]}
 
 
 class Registry:
@@ -129,7 +133,7 @@ def server(tmp_path_factory):
         try:
             if call(url, "/health", token=None)[0] == 200:
                 break
-        except OSError:
+        except OSError:  # not listening yet
             pass
         time.sleep(1)
     else:
