@@ -22,7 +22,6 @@ random-init, not trained: throughput does not depend on their values.
 
 # No `from __future__ import annotations`: FastAPI reads the PEFT route's annotations at runtime.
 import argparse
-import asyncio
 import csv
 import json
 import os
@@ -39,6 +38,8 @@ import requests
 import torch
 from fastapi import FastAPI
 from ray import serve
+
+from launcher.serve import BATCHES_IN_FLIGHT, ModelQueue
 
 LABELS = ["negative", "positive"]
 TEMPLATE = "User: {prompt}\nAssistant:"
@@ -68,6 +69,7 @@ class PeftSwitching:
         self.batches = self.rows = self.prompts = 0
         self._batch.set_max_batch_size(max_batch_size)
         self._batch.set_batch_wait_timeout_s(wait_s)
+        self.queue = ModelQueue(self._run, max_batch_size)  # batches fill as ptv2 serve's do
 
     def _run(self, reqs: list) -> list:
         out = [None] * len(reqs)
@@ -86,9 +88,9 @@ class PeftSwitching:
                 out[i] = text
         return out
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005, max_concurrent_batches=BATCHES_IN_FLIGHT)
     async def _batch(self, reqs: list) -> list:
-        return await asyncio.to_thread(self._run, reqs)
+        return await self.queue.submit(reqs)
 
     @peft_app.post("/v1/generate")
     async def generate(self, body: dict) -> dict:
@@ -228,7 +230,9 @@ def run_workload(task: str, args, tmp: Path) -> dict:
         from ptv2.peft_export import export_peft
 
         adapters = {f"p{i}": str(export_peft(p, tmp / "peft" / f"p{i}")) for i, p in enumerate(paths)}
-        app = PeftSwitching.options(ray_actor_options={"num_cpus": args.threads}, max_ongoing_requests=64)
+        app = PeftSwitching.options(
+            ray_actor_options={"num_cpus": args.threads}, max_ongoing_requests=BATCHES_IN_FLIGHT * args.batch
+        )
         serve.run(
             app.bind(base, adapters, args.threads, args.batch, args.wait_ms / 1000), name="peft", route_prefix="/peft"
         )
@@ -303,16 +307,16 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--length", type=int, default=16, help="prompt length (positions)")
     p.add_argument("--clients", type=int, default=16, help="closed-loop clients, classification")
-    p.add_argument("--gen-clients", type=int, default=8, help="closed-loop clients, generation")
+    p.add_argument("--gen-clients", type=int, default=16, help="closed-loop clients, generation")
     p.add_argument("--batch", type=int, default=16, help="max batch size")
     p.add_argument("--wait-ms", type=float, default=5.0, help="batch wait")
     p.add_argument("--new-tokens", type=int, default=8, help="tokens generated per request (greedy)")
     p.add_argument("--gen-warmup", type=float, default=5.0)
-    p.add_argument("--gen-duration", type=float, default=30.0, help="measured seconds per mode per round, generation")
+    p.add_argument("--gen-duration", type=float, default=25.0, help="measured seconds per mode per round, generation")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (and Ray CPUs) per replica")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--warmup", type=float, default=3.0)
-    p.add_argument("--duration", type=float, default=15.0, help="measured seconds per mode per round, classification")
+    p.add_argument("--duration", type=float, default=12.0, help="measured seconds per mode per round, classification")
     p.add_argument("--no-peft", action="store_true")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
