@@ -1,7 +1,7 @@
 """Serving many prompts: shared mixed-prompt batches against one prompt and against switching
 prompts, through `ptv2 serve`'s HTTP API on a real Ray Serve (results: benchmarks/SERVING.md).
 
-    python benchmarks/serve_bench.py --json out.json          # ~8 minutes on 2 CPU cores
+    python benchmarks/serve_bench.py --json out.json          # about 9 minutes on 2 CPU cores
 
 Closed-loop clients (each sends its next request when its last is answered), all modes in one
 run, interleaved in rounds, measured after a warm-up:
