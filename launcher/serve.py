@@ -890,8 +890,12 @@ def start(options: ServeOptions, entries: list[dict], address: str | None = None
     try:
         return serve.run(build_app(options, entries), name=APP_NAME, route_prefix="/")
     except Exception as e:
+        detail = str(e)
+        with contextlib.suppress(Exception):  # the replica's own exception is in the app's status
+            status = serve.status().applications[APP_NAME]
+            detail += "\n".join(["", status.message, *(d.message for d in status.deployments.values())])
         stop(started_ray, address)
-        raise ServeError(_reason(e)) from e
+        raise ServeError(_reason(detail)) from e
 
 
 def _check_port(host: str, port: int) -> None:
@@ -905,9 +909,8 @@ def _check_port(host: str, port: int) -> None:
             raise ServeError(f"cannot listen on {host}:{port}: {e.strerror}") from e
 
 
-def _reason(exc: Exception) -> str:
+def _reason(text: str) -> str:
     """The line of a failed deployment that says why (the replica's own exception)."""
-    text = str(exc)
     found = re.findall(r"(?:ArtifactError|FetchError|ServeError|UnsupportedModelError|OSError|ValueError): (.+)", text)
     return found[-1].strip() if found else text.strip().splitlines()[-1][:2000]
 

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -85,9 +86,18 @@ class Registry:
         return version
 
 
+def _end_with_parent() -> None:
+    """In the server's process: SIGINT it when the test process dies (Linux), so an interrupted
+    test run leaves no server behind."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    d = tmp_path_factory.mktemp("serve")
+def server():
+    # not under pytest's basetemp: another pytest session of this user may prune it mid-test
+    d = Path(tempfile.mkdtemp(prefix="ptv2-serve-test-"))
     base = save_base(d / "base", "llama")
     prompts = {
         "cls": make_prompt(d / "cls", base, "seq-cls", "ptv2", 3, seed=1),
@@ -124,6 +134,7 @@ def server(tmp_path_factory):
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its Ray processes can be found (and ended) as one group
+        preexec_fn=_end_with_parent if sys.platform == "linux" else None,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -148,6 +159,7 @@ def server(tmp_path_factory):
         proc.wait()
     log.close()
     shutil.rmtree(short, ignore_errors=True)
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -328,3 +340,37 @@ def test_hostile_requests_mixed_with_good_ones_get_4xx_and_the_server_keeps_serv
     assert call(url, "/health", token=None)[1]["status"] == "ok" and server["proc"].poll() is None
     for path, body, name, text in _good_requests()[:4]:  # still answering, correctly
         _check(expected, name, text, *call(url, path, body), chat=chat)
+
+
+def test_the_model_queue_fills_batches_while_the_model_computes():
+    """Requests that arrive while a batch computes all go into the next forward (whole requests,
+    up to max_rows); an error reaches that batch's callers and the queue goes on."""
+    import asyncio
+
+    from launcher.serve import ModelQueue
+
+    calls, busy = [], threading.Event()
+
+    def run(rows):
+        calls.append(list(rows))
+        if len(calls) == 1:
+            busy.wait(10)  # the first batch computes while more requests arrive
+        if 0 in rows:
+            raise ValueError("bad row")
+        return [r * 10 for r in rows]
+
+    async def main():
+        queue = ModelQueue(run, max_rows=4)
+        first = asyncio.create_task(queue.submit([1]))
+        await asyncio.sleep(0.1)
+        rest = [asyncio.create_task(queue.submit(rows)) for rows in ([2], [3, 4], [5], [6, 7])]
+        await asyncio.sleep(0.1)
+        busy.set()
+        answers = [await first, *await asyncio.gather(*rest)]
+        with pytest.raises(ValueError, match="bad row"):
+            await queue.submit([0, 8])
+        return answers, await queue.submit([9])
+
+    answers, after = asyncio.run(main())
+    assert answers == [[10], [20], [30, 40], [50], [60, 70]] and after == [90]
+    assert calls == [[1], [2, 3, 4, 5], [6, 7], [0, 8], [9]]
