@@ -104,6 +104,15 @@ def test_each_row_of_a_mixed_batch_equals_its_prompt_alone(tmp_path, bases, arch
     assert worst < 1e-5, worst
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_a_batch_without_any_deep_prefix_equals_each_prompt_alone(tmp_path, bases, arch):
+    """Only prompt-tuning and prompt-less rows: the cache holds nothing, inputs still differ."""
+    served, bank = _bank(tmp_path, bases[arch], [("seq-cls", "prompt-tuning", 3), ("seq-cls", "ptv2", 0)])
+    rows = [sv.encode_predict(served, bank.get(f"p{i}"), t) for t in TEXTS for i in range(2)]
+    for row, got in zip(rows, sv.predict_logits(served, rows), strict=True):
+        assert float((got - _alone_logits(alone(row.prompt.path, bases[arch]), row)).abs().max()) < 1e-5
+
+
 @pytest.mark.parametrize("arch", ["llama", "bert"])
 def test_mixed_predict_answers_as_ptv2_predict_does(tmp_path, bases, arch):
     specs = [("seq-cls", "ptv2", 3), ("seq-cls", "prompt-tuning", 2), ("token-cls", "ptv2", 4)]
