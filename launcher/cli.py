@@ -617,6 +617,98 @@ def ui(
     raise typer.Exit(_prompts_call(serve_ui, tracking_uri, host, port))
 
 
+# ---- serving: many prompts on one frozen model (launcher/serve.py) -------------------------------
+@app.command("serve")
+def serve_prompts(
+    sources: list[str] = typer.Argument(
+        None, help="prompts: folders, run ids, runs:/RUN/PATH, models:/NAME/VERSION, models:/NAME@ALIAS"
+    ),
+    named: list[str] = typer.Option(
+        None, "--prompt", help="NAME=SOURCE: a prompt under a name you choose (repeatable)"
+    ),
+    model: str = typer.Option(None, "--model", help="base model (default: the one the first prompt's manifest names)"),
+    host: str = typer.Option("127.0.0.1", help="bind address (127.0.0.1 unless you mean to expose it)"),
+    port: int = typer.Option(8000),
+    replicas: int = typer.Option(1, help="replicas, each with the base model and a bank of prompts"),
+    cpus_per_replica: float = typer.Option(None, help="default: every CPU here for one local replica, else 1"),
+    gpus_per_replica: float = typer.Option(0.0, help="> 0 serves on CUDA"),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16"),
+    max_batch_size: int = typer.Option(16, help="inputs batched into one forward"),
+    batch_wait_ms: float = typer.Option(5.0, help="how long a batch waits to fill"),
+    max_prompts: int = typer.Option(64, help="prompts a replica keeps loaded (least recently used out)"),
+    max_prompt_mb: float = typer.Option(1024.0, help="bytes of prompts a replica keeps loaded, in MiB"),
+    max_new_tokens: int = typer.Option(512, help="the most tokens one generation may ask for"),
+    token_file: Path = typer.Option(
+        None,
+        "--token-file",
+        help="require 'Authorization: Bearer TOKEN', TOKEN the file's first line ($PTV2_SERVE_TOKEN too)",
+    ),
+    refresh_s: float = typer.Option(
+        30.0, help="re-resolve registry aliases this often (0: on POST /v1/prompts/refresh only)"
+    ),
+    cache_dir: Path = typer.Option(None, help="where fetched prompts are kept (default $PTV2_HOME/serve-cache)"),
+    ray_address: str = typer.Option(
+        None, "--address", help="a running Ray cluster (e.g. auto); default: an embedded Ray"
+    ),
+    tracking_uri: str = UriOpt,
+) -> None:
+    """Serve many prompts on one frozen base model over HTTP (Ray Serve): requests for different
+    prompts share batches. API: /v1/predict, /v1/generate, /v1/completions (OpenAI), /v1/prompts."""
+    from pydantic import ValidationError
+
+    from launcher import serve as srv
+    from ptv2 import tracking
+
+    pairs = [(srv.default_name(x), x) for x in sources or []]
+    for item in named or []:
+        name, sep, source = item.partition("=")
+        if not sep or not name or not source:
+            fail(f"--prompt {item!r}: expected NAME=SOURCE")
+        pairs.append((name, source))
+    token = os.environ.get("PTV2_SERVE_TOKEN")
+    if token_file is not None:
+        if not token_file.is_file():
+            fail(f"--token-file {token_file} does not exist")
+        token = (token_file.read_text().splitlines() or [""])[0].strip()
+    if token is not None and len(token) < 16:
+        fail("the bearer token must be at least 16 characters")
+    cache = cache_dir or tracking.home() / "serve-cache"
+    try:
+        entries = srv.startup_entries(tracking_uri, pairs, cache)
+        base = model or (entries[0]["base"] if entries else None)
+        if base is None:
+            fail("nothing to serve: give prompts, or --model to start with none and add them over HTTP")
+        options = srv.ServeOptions(
+            base=base,
+            host=host,
+            port=port,
+            replicas=replicas,
+            cpus_per_replica=cpus_per_replica or ((os.cpu_count() or 1) if replicas == 1 and not ray_address else 1),
+            gpus_per_replica=gpus_per_replica,
+            dtype=dtype,
+            max_batch_size=max_batch_size,
+            batch_wait_ms=batch_wait_ms,
+            max_prompts=max_prompts,
+            max_prompt_bytes=int(max_prompt_mb * (1 << 20)),
+            max_new_tokens=max_new_tokens,
+            token_sha256=srv.token_digest(token) if token else None,
+            tracking_uri=tracking.resolve_uri(tracking_uri),
+            cache_dir=str(Path(cache).resolve()),
+            refresh_s=refresh_s,
+        )
+    except srv.ServeError as e:
+        fail(str(e))
+    except ValidationError as e:  # an option out of range, named as on the command line
+        fail("; ".join(f"--{'-'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}" for x in e.errors()))
+    if not srv.is_loopback(host) and options.token_sha256 is None:
+        typer.echo(f"warning: serving on {host} without a token: anyone who reaches it can use it", err=True)
+    try:
+        code = srv.serve_forever(options, entries, ray_address, echo=typer.echo)
+    except srv.ServeError as e:
+        fail(f"the server did not start: {e}", code=1)
+    raise typer.Exit(code)
+
+
 def main() -> None:
     app()
 

@@ -30,6 +30,13 @@ def _client(uri: str | None):
 
 def resolve_source(uri: str | None, source: str) -> tuple[str, str]:
     """(run_id, artifact path) behind a run id, runs:/ or models:/ URI."""
+    run_id, path, _ = resolve(uri, source)
+    return run_id, path
+
+
+def resolve(uri: str | None, source: str) -> tuple[str, str, str | None]:
+    """(run_id, artifact path, registry version) behind a run id, runs:/ or models:/ URI; the
+    version is None for run sources. An alias resolves to the version it points at now."""
     c = _client(uri)
     if source.startswith("models:/"):
         m = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))", source)
@@ -43,12 +50,12 @@ def resolve_source(uri: str | None, source: str) -> tuple[str, str]:
         m2 = re.fullmatch(r"runs:/([0-9a-f]+)/(.+)", mv.source or "")
         if not m2:
             raise FetchError(f"{source}: its source {mv.source!r} is not a run artifact")
-        return m2.group(1), m2.group(2)
+        return m2.group(1), m2.group(2), str(mv.version)
     if source.startswith("runs:/"):
         run_id, _, path = source.removeprefix("runs:/").partition("/")
-        return run_id, path or "prompt"
+        return run_id, path or "prompt", None
     if re.fullmatch(r"[0-9a-f]{32}", source):
-        return source, "prompt"
+        return source, "prompt", None
     raise FetchError(f"{source!r} is not a run id, runs:/RUN/PATH, models:/NAME/VERSION or models:/NAME@ALIAS")
 
 

@@ -177,6 +177,12 @@ def _check_data_settings(where: Path, data: object) -> dict:
     return {"prompt_template": template, "max_length": max_length}
 
 
+def data_settings(manifest: dict, where: str | Path) -> dict:
+    """The manifest's checked data layout: {"prompt_template", "max_length"} (None where unset;
+    artifacts written before the manifest had "data" have neither)."""
+    return _check_data_settings(Path(where), manifest.get("data") or {})
+
+
 def read_manifest(prompt_dir: str | Path) -> dict:
     """The manifest, after checking every file's checksum and every tensor's shape and dtype."""
     d = Path(prompt_dir)

@@ -84,6 +84,23 @@ def generate(
     return outputs
 
 
+def label_scores(probs: torch.Tensor, names: Sequence[str]) -> dict:
+    """A seq-cls result from one row of class probabilities: the best label, its score, all scores."""
+    best = int(probs.argmax())
+    return {"label": names[best], "score": float(probs[best]), "scores": dict(zip(names, probs.tolist(), strict=True))}
+
+
+def word_tags(word_ids: Sequence[int | None], best: Sequence[int], names: Sequence[str], n_words: int) -> list[str]:
+    """One tag per word, from the predicted class (`best`, per sub-token) of its first sub-token."""
+    tags = ["O"] * n_words
+    seen = set()
+    for t, w in enumerate(word_ids):
+        if w is not None and w not in seen:
+            seen.add(w)
+            tags[w] = names[int(best[t])]
+    return tags
+
+
 def _labels(model: PromptedModel) -> list[str]:
     id2label = model.base.config.id2label
     return [id2label[i] for i in range(len(id2label))]
@@ -114,26 +131,12 @@ def predict(
             enc = tokenizer(batch, truncation=True, max_length=limit)
             logits = model(**_padded(tokenizer, enc, "right", device)).logits
             probs = logits.float().softmax(-1).cpu()
-            for row in probs:
-                best = int(row.argmax())
-                results.append(
-                    {
-                        "label": names[best],
-                        "score": float(row[best]),
-                        "scores": dict(zip(names, row.tolist(), strict=True)),
-                    }
-                )
+            results += [label_scores(row, names) for row in probs]
         else:
             words = [w.split() if isinstance(w, str) else list(w) for w in batch]
             enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=limit)
             logits = model(**_padded(tokenizer, enc, "right", device)).logits
             best = logits.argmax(-1).cpu()
             for b, ws in enumerate(words):
-                tags = ["O"] * len(ws)
-                seen = set()
-                for t, w in enumerate(enc.word_ids(b)):
-                    if w is not None and w not in seen:
-                        seen.add(w)
-                        tags[w] = names[int(best[b, t])]
-                results.append({"tokens": ws, "tags": tags})
+                results.append({"tokens": ws, "tags": word_tags(enc.word_ids(b), best[b].tolist(), names, len(ws))})
     return results

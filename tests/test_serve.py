@@ -1,0 +1,376 @@
+"""`ptv2 serve` end to end: the real command on an embedded Ray Serve, over HTTP.
+
+Four prompts on one tiny Llama — a classifier and a tagger from folders, a chat prompt from the
+registry alias models:/chat@prod, a prompt-tuning prompt by run id — answer concurrent requests
+exactly as each prompt does alone; the alias moves to a new version mid-traffic and the server
+switches after verifying it; a stream of hostile requests mixed with good ones gets a 4xx JSON
+error each while every good one is answered correctly, and the server stays up."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from ptv2.infer import generate as generate_alone
+from ptv2.infer import predict as predict_alone
+from tests.serving_helpers import alone, make_prompt, save_base
+from tests.tiny import tiny_tokenizer
+
+pytestmark = [pytest.mark.slow]
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "test-token-0123456789abcdef"
+TEXTS = ["w1 w2 w3", "w5", "w7 w8 w9 w10 w11 w12", "w4 w4 w9", "w3 w60", "w11 w12 w13 w14"]
+TEMPLATE = "w30 {prompt} w31"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(url: str, path: str, body=None, token: str | None = TOKEN, raw: bytes | None = None, headers=None):
+    """(status, JSON body) of one request; errors are answers too."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    h = {"Content-Type": "application/json", **(headers or {})}
+    if token:
+        h["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url + path, data=data, headers=h, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            status, text = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read()
+    try:
+        return status, json.loads(text)
+    except ValueError:  # not JSON: kept whole, so a failing assertion shows it
+        return status, {"not_json": text.decode(errors="replace")[:2000]}
+
+
+class Registry:
+    """A sqlite MLflow store with prompts logged to runs and registered (what `ptv2 run` does)."""
+
+    def __init__(self, d: Path) -> None:
+        from ptv2 import tracking
+
+        self.uri = f"sqlite:///{d / 'mlflow.db'}"
+        self.client = tracking.client(self.uri)
+        self.exp = self.client.create_experiment("serve", artifact_location=(d / "artifacts").as_uri())
+
+    def log(self, prompt_dir: Path) -> str:
+        run = self.client.create_run(self.exp)
+        self.client.log_artifacts(run.info.run_id, str(prompt_dir), "prompt")
+        self.client.set_terminated(run.info.run_id)
+        return run.info.run_id
+
+    def register(self, prompt_dir: Path, name: str, alias: str | None = None) -> str:
+        from launcher.prompts import promote, register
+
+        version = register(self.uri, self.log(prompt_dir), name)
+        if alias:
+            promote(self.uri, name, version, alias)
+        return version
+
+
+def _end_with_parent() -> None:
+    """In the server's process: SIGINT it when the test process dies (Linux), so an interrupted
+    test run leaves no server behind."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
+
+
+@pytest.fixture(scope="module")
+def server():
+    # not under pytest's basetemp: another pytest session of this user may prune it mid-test
+    d = Path(tempfile.mkdtemp(prefix="ptv2-serve-test-"))
+    base = save_base(d / "base", "llama")
+    prompts = {
+        "cls": make_prompt(d / "cls", base, "seq-cls", "ptv2", 3, seed=1),
+        "tag": make_prompt(d / "tag", base, "token-cls", "ptv2", 2, seed=2),
+        "chat": make_prompt(d / "chat-v1", base, "causal-lm", "ptv2", 5, seed=3, template=TEMPLATE),
+        "chat-v2": make_prompt(d / "chat-v2", base, "causal-lm", "ptv2", 6, seed=4, template=TEMPLATE),
+        "soft": make_prompt(d / "soft", base, "causal-lm", "prompt-tuning", 4, seed=5),
+        "foreign": make_prompt(d / "foreign", save_base(d / "other", "llama", seed=9), "seq-cls", seed=6),
+    }
+    registry = Registry(d)
+    assert registry.register(prompts["chat"], "chat", "prod") == "1"
+    soft_run = registry.log(prompts["soft"])
+    (d / "token").write_text(TOKEN + "\n")
+    port = _free_port()
+    short = Path("/tmp") / f"ptv2s{os.getpid()}"  # Ray's socket paths must stay short
+    short.mkdir(exist_ok=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),  # the replicas import this checkout
+        "PTV2_HOME": str(d / "home"),
+        "RAY_TMPDIR": str(short),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
+    args = ["--prompt", f"cls={prompts['cls']}", "--prompt", f"tag={prompts['tag']}"]
+    args += ["--prompt", "chat=models:/chat@prod", "--prompt", f"soft={soft_run}"]
+    args += ["--tracking-uri", registry.uri, "--port", str(port), "--token-file", str(d / "token")]
+    args += ["--max-batch-size", "8", "--batch-wait-ms", "30", "--refresh-s", "0", "--max-new-tokens", "64"]
+    log = open(d / "serve.log", "w")  # noqa: SIM115 (closed at teardown)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", "serve", *args],
+        cwd=d,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its Ray processes can be found (and ended) as one group
+        preexec_fn=_end_with_parent if sys.platform == "linux" else None,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"ptv2 serve exited {proc.returncode}:\n{(d / 'serve.log').read_text()[-4000:]}")
+        try:
+            if call(url, "/health", token=None)[0] == 200:
+                break
+        except OSError:  # not listening yet
+            pass
+        time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail(f"ptv2 serve did not come up:\n{(d / 'serve.log').read_text()[-4000:]}")
+    yield {"url": url, "base": base, "prompts": prompts, "registry": registry, "proc": proc, "dir": d}
+    proc.send_signal(signal.SIGINT)  # the command stops Serve and its embedded Ray itself
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.close()
+    shutil.rmtree(short, ignore_errors=True)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def expected(server):
+    """What each prompt answers alone (ptv2 predict / ptv2 generate's code path)."""
+    tok = tiny_tokenizer()
+    p, base = server["prompts"], server["base"]
+    out = {}
+    for name in ("cls", "tag"):
+        model = alone(p[name], base)
+        out[name] = {t: predict_alone(model, tok, [t])[0] for t in TEXTS}
+    for name in ("chat", "chat-v2", "soft"):
+        model = alone(p[name], base)
+        out[name] = {t: generate_alone(model, tok, [t], max_new_tokens=8)[0] for t in TEXTS}
+    return out
+
+
+def _good_requests():
+    """(path, body, check name, text): predictions and generations for four prompts."""
+    reqs = []
+    for t in TEXTS:
+        reqs.append(("/v1/predict", {"prompt": "cls", "input": t}, "cls", t))
+        reqs.append(("/v1/predict", {"prompt": "tag", "input": t}, "tag", t))
+        reqs.append(("/v1/generate", {"prompt": "chat", "input": t, "max_new_tokens": 8}, "chat", t))
+        body = {"model": "soft", "prompt": t, "max_tokens": 8, "temperature": 0}
+        reqs.append(("/v1/completions", body, "soft", t))
+    return reqs
+
+
+def _check(expected, name, text, status, body, chat="chat"):
+    assert status == 200, body
+    if name == "cls":
+        want = expected["cls"][text]
+        got = body["results"][0]
+        assert got["label"] == want["label"]
+        assert got["scores"] == pytest.approx(want["scores"], abs=1e-5)
+    elif name == "tag":
+        want = expected["tag"][text]
+        assert body["results"][0]["tags"] == want["tags"] and body["results"][0]["tokens"] == want["tokens"]
+    elif name == "chat":
+        assert body["results"][0]["output"] == expected[chat][text]
+    else:
+        assert body["object"] == "text_completion" and body["model"] == "soft"
+        assert body["choices"][0]["text"] == expected["soft"][text]
+
+
+def test_three_prompts_at_once_answer_as_each_alone_in_shared_batches(server, expected):
+    url = server["url"]
+    before = call(url, "/v1/stats")[1]
+    reqs = _good_requests() * 2
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda r: call(url, r[0], r[1]), reqs))
+    for (_, _, name, text), (status, body) in zip(reqs, answers, strict=True):
+        _check(expected, name, text, status, body)
+    after = call(url, "/v1/stats")[1]
+    for kind in ("predict", "generate"):
+        batches = after[kind]["batches"] - before.get(kind, {}).get("batches", 0)
+        prompts = after[kind]["prompts"] - before.get(kind, {}).get("prompts", 0)
+        assert prompts > batches, (kind, after)  # some batches held rows of both prompts
+        assert after[kind]["largest"] > 1
+
+
+def test_a_registry_alias_moved_mid_traffic_switches_after_verification(server, expected):
+    url, registry = server["url"], server["registry"]
+    listed = {p["name"]: p for p in call(url, "/v1/prompts")[1]["prompts"]}
+    assert listed["chat"]["version"] == "1" and listed["chat"]["source"] == "models:/chat@prod"
+    seen, stop = [], threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            status, body = call(url, "/v1/generate", {"prompt": "chat", "input": TEXTS[2], "max_new_tokens": 8})
+            seen.append((status, body["results"][0]["output"] if status == 200 else body))
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        time.sleep(1)
+        assert registry.register(server["prompts"]["chat-v2"], "chat", "prod") == "2"
+        time.sleep(1)
+        status, body = call(url, "/v1/prompts/refresh", {})
+        assert status == 200 and body["changes"] == [{"name": "chat", "from": "1", "to": "2"}], body
+        time.sleep(1)
+    finally:
+        stop.set()
+        worker.join()
+    outputs = [o for s, o in seen]
+    assert all(s == 200 for s, _ in seen), seen
+    v1, v2 = expected["chat"][TEXTS[2]], expected["chat-v2"][TEXTS[2]]
+    assert v1 != v2 and set(outputs) <= {v1, v2}
+    switched = outputs.index(v2)
+    assert outputs[:switched] == [v1] * switched and set(outputs[switched:]) == {v2} and switched > 0
+    for t in TEXTS:  # every later request: the new version
+        _check(
+            expected,
+            "chat",
+            t,
+            *call(url, "/v1/generate", {"prompt": "chat", "input": t, "max_new_tokens": 8}),
+            chat="chat-v2",
+        )
+    listed = {p["name"]: p for p in call(url, "/v1/prompts")[1]["prompts"]}
+    assert listed["chat"]["version"] == "2" and listed["chat"]["length"] == 6
+    # a prompt for another base model is refused at load, naming both fingerprints; nothing changes
+    status, body = call(url, "/v1/prompts", {"name": "foreign", "source": str(server["prompts"]["foreign"])})
+    assert status == 422 and "another base model" in body["error"]["message"]
+    assert body["error"]["message"].count("(fingerprint ") == 2
+    # and a prompt added without a restart serves at once
+    status, body = call(url, "/v1/prompts", {"name": "cls2", "source": str(server["prompts"]["cls"])})
+    assert status == 201 and body["task"] == "seq-cls"
+    status, body = call(url, "/v1/predict", {"prompt": "cls2", "input": TEXTS[0]})
+    assert status == 200 and body["results"][0]["label"] == expected["cls"][TEXTS[0]]["label"]
+
+
+def _hostile(server):
+    """(expected status, path, body or raw bytes, token, headers): one of every kind of bad request."""
+    big = b'{"prompt": "cls", "input": "' + b"w5 " * 400_000 + b'"}'
+    long = " ".join(["w5"] * 300)
+    return [
+        (400, "/v1/predict", b'{"prompt": "cls", "input": ', TOKEN, None),
+        (404, "/v1/predict", {"prompt": "nope", "input": "w1"}, TOKEN, None),
+        (400, "/v1/predict", {"prompt": "../../etc/passwd", "input": "w1"}, TOKEN, None),
+        (400, "/v1/predict", {"prompt": "cls", "input": "   "}, TOKEN, None),
+        (400, "/v1/predict", {"prompt": "tag", "input": []}, TOKEN, None),
+        (413, "/v1/predict", {"prompt": "cls", "input": long, "truncate": False}, TOKEN, None),
+        (413, "/v1/generate", {"prompt": "chat", "input": long}, TOKEN, None),
+        (413, "/v1/predict", big, TOKEN, None),
+        (400, "/v1/predict", {"prompt": "chat", "input": "w1"}, TOKEN, None),
+        (400, "/v1/generate", {"prompt": "cls", "input": "w1"}, TOKEN, None),
+        (401, "/v1/predict", {"prompt": "cls", "input": "w1"}, None, None),
+        (401, "/v1/predict", {"prompt": "cls", "input": "w1"}, "wrong-token-0123456789", None),
+        (415, "/v1/predict", b"prompt=cls&input=w1", TOKEN, {"Content-Type": "application/x-www-form-urlencoded"}),
+        (422, "/v1/predict", {"prompt": "cls", "input": 5}, TOKEN, None),
+        (422, "/v1/predict", {"prompt": "cls", "input": "w1", "exec": "import os"}, TOKEN, None),
+        (422, "/v1/predict", {"prompt": "cls"}, TOKEN, None),
+        (422, "/v1/predict", [1, 2, 3], TOKEN, None),
+        (400, "/v1/predict", {"prompt": "cls", "inputs": ["w1"] * 9}, TOKEN, None),
+        (400, "/v1/generate", {"prompt": "chat", "input": "w1", "max_new_tokens": 65}, TOKEN, None),
+        (422, "/v1/generate", {"prompt": "chat", "input": "w1", "temperature": -1}, TOKEN, None),
+        (400, "/v1/completions", {"model": "soft", "prompt": "w1", "n": 2}, TOKEN, None),
+        (400, "/v1/completions", {"model": "soft", "prompt": "w1", "stream": True}, TOKEN, None),
+        (404, "/v1/completions", {"model": "gpt-4", "prompt": "w1"}, TOKEN, None),
+        (422, "/v1/completions", {"model": "soft", "prompt": [1, 2]}, TOKEN, None),
+        (404, "/v1/prompts", {"name": "x", "source": "/no/such/folder"}, TOKEN, None),
+        (400, "/v1/prompts", {"name": "a/b", "source": str(server["prompts"]["cls"])}, TOKEN, None),
+        (404, "/v1/nothing", {}, TOKEN, None),
+    ]
+
+
+def test_hostile_requests_mixed_with_good_ones_get_4xx_and_the_server_keeps_serving(server, expected):
+    url = server["url"]
+    listed = {p["name"]: p for p in call(url, "/v1/prompts")[1]["prompts"]}
+    chat = "chat" if listed["chat"]["version"] == "1" else "chat-v2"  # the alias test may have moved it
+    bad = _hostile(server)
+    good = _good_requests()
+    jobs = [("bad", b) for b in bad] + [("good", g) for g in good]
+    jobs = [j for pair in zip(jobs[::2], jobs[1::2], strict=False) for j in pair] + jobs[len(jobs) // 2 * 2 :]
+
+    def send(job):
+        kind, item = job
+        if kind == "good":
+            return call(url, item[0], item[1])
+        status, path, body, token, headers = item
+        if isinstance(body, bytes):
+            return call(url, path, raw=body, token=token, headers=headers)
+        return call(url, path, body, token=token, headers=headers)
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(send, jobs))
+    for (kind, item), (status, body) in zip(jobs, answers, strict=True):
+        if kind == "good":
+            _check(expected, item[2], item[3], status, body, chat=chat)
+        else:
+            assert status == item[0], (item[:3] if not isinstance(item[2], bytes) else item[:2], status, body)
+            assert set(body["error"]) >= {"message", "type", "code"} and body["error"]["code"] == status
+    by_status = {item[0] for kind, item in jobs if kind == "bad"}
+    assert by_status == {400, 401, 404, 413, 415, 422}
+    unknown = answers[jobs.index(("bad", bad[1]))][1]["error"]
+    assert unknown["prompts"] == sorted(listed) and "no prompt 'nope'" in unknown["message"]
+    assert call(url, "/health", token=None)[1]["status"] == "ok" and server["proc"].poll() is None
+    for path, body, name, text in _good_requests()[:4]:  # still answering, correctly
+        _check(expected, name, text, *call(url, path, body), chat=chat)
+
+
+def test_the_model_queue_fills_batches_while_the_model_computes():
+    """Requests that arrive while a batch computes all go into the next forward (whole requests,
+    up to max_rows); an error reaches that batch's callers and the queue goes on."""
+    import asyncio
+
+    from launcher.serve import ModelQueue
+
+    calls, busy = [], threading.Event()
+
+    def run(rows):
+        calls.append(list(rows))
+        if len(calls) == 1:
+            busy.wait(10)  # the first batch computes while more requests arrive
+        if 0 in rows:
+            raise ValueError("bad row")
+        return [r * 10 for r in rows]
+
+    async def main():
+        queue = ModelQueue(run, max_rows=4)
+        first = asyncio.create_task(queue.submit([1]))
+        await asyncio.sleep(0.1)
+        rest = [asyncio.create_task(queue.submit(rows)) for rows in ([2], [3, 4], [5], [6, 7])]
+        await asyncio.sleep(0.1)
+        busy.set()
+        answers = [await first, *await asyncio.gather(*rest)]
+        with pytest.raises(ValueError, match="bad row"):
+            await queue.submit([0, 8])
+        return answers, await queue.submit([9])
+
+    answers, after = asyncio.run(main())
+    assert answers == [[10], [20], [30, 40], [50], [60, 70]] and after == [90]
+    assert calls == [[1], [2, 3, 4, 5], [6, 7], [0, 8], [9]]
