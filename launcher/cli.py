@@ -23,7 +23,7 @@ import typer
 import yaml
 
 from launcher.spec import SpecError, json_schema, load_spec
-from ptv2 import storage
+from ptv2 import storage, tracking
 
 STARTED = time.time()  # when this command began: `ptv2 run`'s "submission"
 app = typer.Typer(
@@ -88,7 +88,11 @@ def run(spec: Path = SpecArg, resume: str = ResumeOpt) -> None:
     typer.echo(f"trainable: {summary.trainable}")
     typer.echo(f"storage:   {summary.storage}")
     typer.echo(f"prompt:    {summary.artifact}")
-    typer.echo(f"MLflow UI: ptv2 ui    (or: mlflow ui --backend-store-uri {summary.tracking_uri})")
+    if summary.tracking_uri.startswith(("http://", "https://")):
+        exp = tracking.client(summary.tracking_uri).get_run(summary.run_id).info.experiment_id
+        typer.echo(f"MLflow UI: {tracking.ui_link(summary.tracking_uri, exp, summary.run_id)}")
+    else:
+        typer.echo("MLflow UI: ptv2 ui    (then open the link it prints)")
     typer.echo(f"fetch:     ptv2 fetch {summary.run_id} --out ./prompt")
 
 
@@ -345,8 +349,6 @@ def _progress(meta: dict) -> dict | None:
     """The job's progress from its MLflow run, or None (not a ptv2 job, or the run is unreachable)."""
     if not meta.get("tracking_uri") or not meta.get("job_id"):
         return None
-    from ptv2 import tracking
-
     try:
         return tracking.job_progress(meta["tracking_uri"], meta.get("experiment", "ptv2"), meta["job_id"])
     except Exception as e:  # the tracking server is down or unreachable from here: say so, don't fail
@@ -394,8 +396,6 @@ def stop(job_id: str, address: str = AddressOpt) -> None:
         time.sleep(1)
     meta = info.metadata or {}
     if meta.get("tracking_uri") and meta.get("job_id"):
-        from ptv2 import tracking
-
         run_id = tracking.find_job_run(meta["tracking_uri"], meta.get("experiment", "ptv2"), meta["job_id"])
         if run_id and tracking.client(meta["tracking_uri"]).get_run(run_id).info.status == "RUNNING":
             tracking.end_run(meta["tracking_uri"], run_id, "KILLED")
@@ -657,8 +657,6 @@ def serve_prompts(
     from pydantic import ValidationError
 
     from launcher import serve as srv
-    from ptv2 import tracking
-
     pairs = [(srv.default_name(x), x) for x in sources or []]
     for item in named or []:
         name, sep, source = item.partition("=")

@@ -203,5 +203,6 @@ def ui_command(uri: str | None, host: str, port: int) -> list[str]:
 
 def serve_ui(uri: str | None, host: str, port: int) -> int:
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    print(f"MLflow UI: http://{host}:{port}  (store {tracking.resolve_uri(uri)}; Ctrl-C stops it)", flush=True)
+    link = tracking.ui_link(f"http://{host}:{port}")
+    print(f"MLflow UI: {link}  (store {tracking.resolve_uri(uri)}; Ctrl-C stops it)", flush=True)
     return subprocess.call(ui_command(uri, host, port), env=env)

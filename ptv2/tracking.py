@@ -40,9 +40,21 @@ def client(uri: str | None = None):
     return MlflowClient(tracking_uri=uri)
 
 
-# The MLflow UI (3.x) opens an experiment in its GenAI view (traces, evaluation runs) unless the
-# experiment says what it is: prompt tuning is fine-tuning, shown with runs and metric charts.
+# The MLflow UI (3.x) opens in its GenAI view (traces, evaluation runs). Prompt tuning is model
+# training: ptv2's experiments say so (the UI reads the tag when its GenAI/training switch is
+# off), and ptv2's links open the training view (runs, metric charts) with `?workflowType=`.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "finetuning")
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def ui_link(base_url: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """A link into the MLflow UI's training view: the experiment's runs, or one run's metrics."""
+    path = "/#/"
+    if experiment_id is not None:
+        path += f"experiments/{experiment_id}"
+        if run_id is not None:
+            path += f"/runs/{run_id}/model-metrics"
+    return f"{base_url.rstrip('/')}{path}?{TRAINING_VIEW}"
 
 
 def experiment_id(c, name: str) -> str:

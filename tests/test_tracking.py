@@ -108,6 +108,7 @@ def trained(server, tmp_path_factory):
     run_id = next(line.split()[-1] for line in proc.stdout.splitlines() if line.startswith("run id:"))
     out_dir = next(line.split()[-1] for line in proc.stdout.splitlines() if line.startswith("prompt:"))
     assert "registered models:/tiny-prompt/1" in proc.stdout
+    assert f"runs/{run_id}/model-metrics?workflowType=machine_learning" in proc.stdout
     return d, url, run_id, Path(out_dir)
 
 
@@ -234,7 +235,7 @@ def _chromium(chromium: str, profile: Path, *args: str) -> subprocess.CompletedP
             f"--user-data-dir={profile}",
             "--run-all-compositor-stages-before-draw",  # else the charts are still spinners
             "--virtual-time-budget=120000",  # virtual time: the page's fetches and renders settle
-            "--window-size=1400,3000",  # charts render when in view: tall enough for every section
+            "--window-size=1400,8000",  # charts render when in view: tall enough for every section
             *args,
         ],
         capture_output=True,
@@ -251,8 +252,10 @@ def test_run_page_shows_the_run_and_its_metric_charts(trained, tmp_path):
     _, url, run_id, _ = trained
     from mlflow import MlflowClient
 
+    from ptv2.tracking import ui_link
+
     info = MlflowClient(url).get_run(run_id).info
-    page = f"{url}/#/experiments/{info.experiment_id}/runs/{run_id}/model-metrics"
+    page = ui_link(url, info.experiment_id, run_id)  # the link `ptv2 run` prints
     for attempt in range(3):  # a loaded machine may cut the render short: the page, not the test, decides
         proc = _chromium(chromium, tmp_path / f"chrome{attempt}", "--dump-dom", page)
         dom = proc.stdout.decode("utf-8", errors="replace")
@@ -263,6 +266,13 @@ def test_run_page_shows_the_run_and_its_metric_charts(trained, tmp_path):
     for metric in ("train/loss", "eval/accuracy", "eval/macro_f1"):
         assert f'title="{metric}"' in dom, f"no chart titled {metric}"
         assert f"{info.run_name} ({metric})" in dom, f"the {metric} chart was not drawn (no legend)"
+    # the experiment, as ptv2's links open it: the training view (runs), not the GenAI overview
+    exp_page = _chromium(chromium, tmp_path / "chrome-exp", "--dump-dom", ui_link(url, info.experiment_id))
+    text = exp_page.stdout.decode("utf-8", errors="replace")
+    assert f"<title>Runs - Experiment {info.experiment_id} - MLflow</title>" in text
+    assert info.run_name in text and "matching run" in text
+    assert "Token Usage" not in text and "Detect Issues" not in text  # the GenAI overview's panels
+    assert MlflowClient(url).get_experiment(info.experiment_id).tags["mlflow.experimentKind"] == "finetuning"
     keep = os.environ.get("PTV2_SCREENSHOT")  # a picture of the page, for the README
     if keep:
         _chromium(chromium, tmp_path / "chrome-shot", "--window-size=1400,1000", f"--screenshot={keep}", page)
