@@ -85,6 +85,15 @@ def load_base_model(
         name_or_path, trust_remote_code=trust_remote_code, **_label_kwargs(task, labels)
     )
     Geometry.of(config)  # refuse unsupported architectures before loading any weight
+    from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
+
+    from ptv2 import loading
+
+    mapping = AUTO_CLASSES[task]._model_mapping  # config class -> model class, as from_config uses it
+    if is_deepspeed_zero3_enabled() and loading.supported(deepspeed_config()) and type(config) in mapping:
+        loaded = loading.load_zero3(mapping[type(config)], name_or_path, config, dtype, HEAD_MODULES)
+        if loaded is not None:
+            return loaded
     model, info = AUTO_CLASSES[task].from_pretrained(
         name_or_path,
         config=config,

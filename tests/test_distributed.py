@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.tiny import save_tiny, write_task_data
@@ -197,3 +198,45 @@ def test_single_process_mode(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "workers=1 zero_stage=3" in proc.stdout
     assert (tmp_path / "out" / "prompt" / "manifest.json").is_file()
+
+
+def test_zero3_loading_reads_each_ranks_partition_from_the_checkpoint(tmp_path):
+    """Under ZeRO-3 each rank fills its own partitions from the safetensors files (a sharded
+    checkpoint; a base-model checkpoint under a classifier, whose new head is initialised), and
+    every gathered weight equals the checkpoint's, bit for bit."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from tests.tiny import tiny_config
+
+    save_tiny(tmp_path / "llama", "llama", "causal-lm")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "llama").save_pretrained(
+        tmp_path / "llama-sharded", max_shard_size="20KB"
+    )
+    torch.manual_seed(0)
+    AutoModel.from_config(tiny_config("bert")).save_pretrained(tmp_path / "bert-base-model")  # keys without "bert."
+    report = tmp_path / "report.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "tests" / "dist_loading.py"),
+            str(tmp_path),
+            str(report),
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert report.is_file(), (proc.stdout + proc.stderr)[-3000:]
+    r = json.loads(report.read_text())
+    assert len(list((tmp_path / "llama-sharded").glob("model-*.safetensors"))) > 2
+    for case in ("llama-sharded", "bert-base-model"):
+        assert r[case]["streamed"] and r[case]["partitioned"] and r[case]["equal"] and r[case]["compared"] > 10, r
+    assert r["llama-sharded"]["missing"] == []
+    assert r["bert-base-model"]["missing"] == ["classifier.bias", "classifier.weight"]
