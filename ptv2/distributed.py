@@ -8,9 +8,12 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -35,15 +38,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+STALE_BUILD_LOCK_S = 600  # DeepSpeed's CPU ops build in well under a minute here
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """Remove torch extension build locks older than `max_age_s`. torch takes a lock file while
+    it JIT-builds an op (DeepSpeed's on first use) and waits, forever, for anyone's lock to go: a
+    process killed mid-build (out of memory, a lost node) would hang every later job on the node."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    removed = []
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:  # <root>[/<python_accelerator>]/<op>/lock
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+                logging.getLogger("ptv2").warning("removed a stale torch extension build lock: %s", lock)
+    return removed
+
+
 def _init_deepspeed(**kwargs) -> None:
     """deepspeed.init_distributed, with DeepSpeed's INFO chatter (and its print of the CPU
     communication op it loads) kept out of the console: the job's progress lines are what a
     user reads there."""
     import io
-    import logging
 
     import deepspeed
 
+    clear_stale_build_locks()
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         deepspeed.init_distributed(**kwargs)

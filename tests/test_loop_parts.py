@@ -421,3 +421,20 @@ def test_text_that_tokenizes_to_nothing_is_a_bad_row(tmp_path):
     g = _write(tmp_path / "g.jsonl", [{"prompt": "w1", "response": "w2"}])
     with pytest.raises(DataError, match=rf"{g}:row 1: the response tokenizes to no tokens"):
         load_examples(g, DataSettings(train_file=str(g)), "causal-lm", None, nothing)
+
+
+def test_a_stale_op_build_lock_is_cleared_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """torch waits forever for an op build's lock file: one left by a killed process must go."""
+    import os
+    import time
+
+    from ptv2.distributed import clear_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, fresh = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.write_text("")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    assert clear_stale_build_locks(max_age_s=600) == [stale]
+    assert not stale.exists() and fresh.exists()
