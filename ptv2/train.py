@@ -77,6 +77,7 @@ class Inputs:
     train: object  # tokenized datasets
     validation: object | None
     test: object | None
+    ds_info: dict = field(default_factory=dict)  # which DeepSpeed config, and why (deepspeed.config: auto)
 
 
 @dataclass
@@ -151,12 +152,17 @@ def read_inputs(job: TrainJob, d: Dist) -> Inputs:
     from transformers import AutoConfig, AutoTokenizer
 
     m, data = job.model, job.data
+    auto = job.deepspeed.config == dsconfig.AUTO
+    memory = dsconfig.memory_per_rank(d.device) if auto else None  # collective: every rank sees the same numbers
     result, error = None, None
     with node_first(d):
         try:
             Geometry.of(AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code))
             dtype = resolve_dtype(m.dtype, d.device)
-            ds_config = dsconfig.build(job, d.world_size, dtype)
+            choice = (
+                dsconfig.choose(dsconfig.estimate(job, dtype), *memory, d.world_size, d.device.type) if auto else None
+            )
+            ds_config = dsconfig.build(job, d.world_size, dtype, choice, d.device.type)
             tokenizer = AutoTokenizer.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
             tokenizer.padding_side = "right"
 
@@ -171,6 +177,7 @@ def read_inputs(job: TrainJob, d: Dist) -> Inputs:
                 read(data.train_file),
                 read(data.validation_file),
                 read(data.test_file),
+                choice.info() if choice else {"deepspeed_config": Path(job.deepspeed.config).name},
             )
             if job.prompt.length and job.prompt.init == "text":
                 first_tokens(result.train, job.prompt.length)
@@ -211,6 +218,8 @@ def build_trainee(job: TrainJob, inputs: Inputs, d: Dist) -> Trainee:
         )
     if model.prompt is not None and job.prompt.init == "text":
         model.init_prompt_from_tokens(first_tokens(inputs.train, job.prompt.length))
+    if t.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     del hf_ds
     base_fp = None if t.train_base else fingerprint(base, base.config, exclude=model.head_names)  # collective
 
@@ -250,6 +259,7 @@ def build_trainee(job: TrainJob, inputs: Inputs, d: Dist) -> Trainee:
         "base_weights_sha256": (base_fp or {}).get("weights_sha256", "")[:16],
         "storage": job.storage,
     }
+    info.update(inputs.ds_info, gradient_checkpointing=t.gradient_checkpointing)
     return Trainee(model, engine, scheduler, base_fp, total, info)
 
 
