@@ -90,13 +90,13 @@ def batch_for(vocab: int, batch: int, seq: int, sft: bool = True) -> dict:
 def plain(args) -> dict:
     """Interleaved rounds of `steps` optimizer steps per mode; median seconds per step."""
     torch.manual_seed(0)
-    models = {m: build(m, args.model, args.prefix) for m in MODES}
+    models = {m: build(m, args.model, args.prefix) for m in args.plain_modes}
     opts = {m: torch.optim.AdamW(params, lr=1e-4) for m, (_, params) in models.items()}
     vocab = models["ptv2"][0].base.config.vocab_size
     batches = {"sft": batch_for(vocab, args.batch, args.seq), "all": batch_for(vocab, args.batch, args.seq, sft=False)}
     for model, _ in models.values():
         model.train()
-    times: dict[str, list[float]] = {f"{m}/{b}": [] for m in MODES for b in batches}
+    times: dict[str, list[float]] = {f"{m}/{b}": [] for m in args.plain_modes for b in batches}
     for rnd in range(args.rounds + 1):  # round 0 warms up
         for key in times:
             m, b = key.split("/")
@@ -256,6 +256,23 @@ def compare_worker(args) -> None:
         "wall_rounds_s": wall,
         "losses": losses,
     }
+    # the floor of partitioned weights on this transport: gathering the whole frozen model once
+    # (what a ZeRO-3 step does when layers stay gathered from forward to backward), nothing else
+    frozen = sum(p.ds_numel for p in engines["zero3"].module.parameters() if not p.requires_grad)
+    part = torch.ones(-(-frozen // d.world_size))
+    full = torch.empty(part.numel() * d.world_size)
+    gw, gcpu = [], []
+    for _ in range(3):
+        dist.barrier()
+        t0, c0 = time.perf_counter(), time.process_time()
+        dist.all_gather_into_tensor(full, part)
+        gw.append(time.perf_counter() - t0)
+        gcpu.append(time.process_time() - c0)
+    out["allgather_frozen_s"] = {
+        "wall": statistics.median(gw),
+        "cpu": statistics.median(gcpu),
+        "bytes": full.numel() * 4,
+    }
     if args.profile and d.rank == 0:
         from torch.profiler import ProfilerActivity, profile
 
@@ -297,15 +314,16 @@ def memory_child(args) -> None:
     data = batch_for(model.base.config.vocab_size, args.mem_batch, args.seq)
     base = _rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from here
-    times = []
+    times, cpu = [], []
     for _ in range(2):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         model(**data).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     peak = _rss_kib("VmHWM")
-    print(json.dumps({"peak_over_model_bytes": (peak - base) * 1024, "step_s": min(times)}))
+    print(json.dumps({"peak_over_model_bytes": (peak - base) * 1024, "step_s": min(times), "step_cpu_s": min(cpu)}))
 
 
 def memory(args) -> dict:
@@ -341,6 +359,9 @@ def memory(args) -> dict:
         "rows": rows,
         "longest_seq_within_budget": {"plain": longest(False), "checkpointing": longest(True)},
         "checkpointing_step_time_ratio": {s: by[s, True]["step_s"] / by[s, False]["step_s"] for s in args.mem_seqs},
+        "checkpointing_step_cpu_ratio": {
+            s: by[s, True]["step_cpu_s"] / by[s, False]["step_cpu_s"] for s in args.mem_seqs
+        },
     }
 
 
@@ -388,7 +409,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="steps per mode per round (plain)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (plain)")
     ap.add_argument("--zero-steps", type=int, default=3, help="timed steps per mode under ZeRO-3")
-    ap.add_argument("--skip-zero3", action="store_true", help="only the plain comparison")
+    ap.add_argument("--skip-zero3", action="store_true", help="skip (2) and (3)")
+    ap.add_argument("--plain-modes", default=",".join(MODES), help="(1): which modes")
     ap.add_argument("--compare-rounds", type=int, default=6, help="interleaved rounds of (4)")
     ap.add_argument("--skip-compare", action="store_true", help="skip (4), ZeRO-3 against replicated")
     ap.add_argument("--profile", help="(4): write where one replicated and one ZeRO-3 step spend their time here")
@@ -406,6 +428,8 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.mem_seqs = [int(v) for v in str(args.mem_seqs).split(",")]
+    args.plain_modes = [m for m in args.plain_modes.split(",") if m]
+    assert "ptv2" in args.plain_modes and set(args.plain_modes) <= set(MODES), args.plain_modes
     if args.quick:
         args.batch, args.seq, args.steps, args.rounds, args.zero_steps, args.compare_rounds = 2, 32, 1, 1, 1, 1
         args.mem_seqs = [64, 128]
@@ -423,10 +447,12 @@ def main() -> None:
     res = plain(args)
     p = res["plain_step_s"]
     # the service's causal-LM workload (loss on the response half) gives the headline ratios
-    res["ptv2_over_full_ft_step"] = p["ptv2/sft"] / p["full_ft/sft"]
-    res["ptv2_over_peft_step"] = p["ptv2/sft"] / p["peft_prefix/sft"]
-    res["ptv2_over_full_ft_step_all_labels"] = p["ptv2/all"] / p["full_ft/all"]
-    res["ptv2_over_peft_step_all_labels"] = p["ptv2/all"] / p["peft_prefix/all"]
+    if "full_ft" in args.plain_modes:
+        res["ptv2_over_full_ft_step"] = p["ptv2/sft"] / p["full_ft/sft"]
+        res["ptv2_over_full_ft_step_all_labels"] = p["ptv2/all"] / p["full_ft/all"]
+    if "peft_prefix" in args.plain_modes:
+        res["ptv2_over_peft_step"] = p["ptv2/sft"] / p["peft_prefix/sft"]
+        res["ptv2_over_peft_step_all_labels"] = p["ptv2/all"] / p["peft_prefix/all"]
     if not args.skip_zero3:
         two = launch(2, args, [])
         one = launch(1, args, ["--residency-only"])
@@ -452,6 +478,7 @@ def main() -> None:
         first = {m: v[0] for m, v in c["losses"].items()}
         res["compare_same_first_loss"] = len(set(first.values())) == 1
         res["compare_first_loss"] = first
+        res["allgather_frozen_2ranks_s"] = c["allgather_frozen_s"]
     if not args.skip_memory:
         res["memory"] = memory(args)
     res.update(

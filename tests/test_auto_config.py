@@ -88,7 +88,10 @@ def _job(tmp_path: Path, arch="llama", task="causal-lm", labels=None, **sections
     return TrainJob.model_validate(spec)
 
 
-@pytest.mark.parametrize("arch,task,labels", [("llama", "causal-lm", None), ("bert", "seq-cls", ["a", "b"])])
+@pytest.mark.parametrize(
+    "arch,task,labels",
+    [(a, "causal-lm", None) for a in DECODERS] + [(a, "seq-cls", ["a", "b"]) for a in ARCHS if a not in DECODERS],
+)
 def test_estimate_counts_the_real_model_from_its_config(tmp_path, arch, task, labels):
     job = _job(tmp_path, arch, task, labels)
     est = dsconfig.estimate(job, "float32")
