@@ -13,8 +13,8 @@ machine noise hits them alike; ratios are what to read, not absolute times.
    gathered straight into the parameters), interleaved: wall time and CPU time per step (CPU time,
    all threads of the process, is what other load on the machine disturbs least);
 5. memory: the peak of one step over the loaded model against the sequence length, with and without
-   activation checkpointing (a process each), the longest length within a memory budget, the
-   step-time cost of checkpointing, and ptv2's own estimate (dsconfig.activation_bytes) beside.
+   activation checkpointing (a process each, one thread), the longest length within a memory
+   budget, the step-time cost of checkpointing, and ptv2's own estimate (dsconfig.activation_bytes).
 
     python benchmarks/step_cost.py --json out.json        # SmolLM2-135M, batch 8 x 64 (~12 min on 2 cores)
     python benchmarks/step_cost.py --quick                # every part once, small: does it run
@@ -306,6 +306,7 @@ def _rss_kib(field: str) -> int:
 def memory_child(args) -> None:
     """One process, one sequence length: plain ptv2 steps (no DeepSpeed), batch args.mem_batch; the
     step's peak resident memory over what the loaded model holds (Linux: VmHWM reset after loading)."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     model, params = build("ptv2", args.model, args.prefix)
     if args.checkpointing:
         model.enable_gradient_checkpointing()
@@ -339,7 +340,8 @@ def memory(args) -> dict:
             cmd = [sys.executable, __file__, "--mem-child", "--model", args.model, "--seq", str(seq)]
             cmd += ["--prefix", str(args.prefix), "--mem-batch", str(args.mem_batch)]
             cmd += ["--checkpointing"] if ckpt else []
-            env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            # one thread: CPU time then measures the work, not OpenMP spinning on a busy machine
+            env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
             out = subprocess.run(cmd, check=True, env=env, capture_output=True, text=True).stdout
             row = json.loads(out.strip().splitlines()[-1])
             row.update(seq=seq, checkpointing=ckpt)
