@@ -186,18 +186,25 @@ class Choice:
 
     def info(self) -> dict:
         """Flat values for the run's start line and MLflow tags."""
-        gib = {f"auto_{k}_gib": round(v / 2**30, 3) for k, v in asdict(self.estimate).items() if k != "bytes_per_value"}
+
+        def gib(n: int) -> float:
+            return float(f"{n / 2**30:.4g}")
+
+        sizes = {f"auto_{k}_gib": gib(v) for k, v in asdict(self.estimate).items() if k != "bytes_per_value"}
         return {
             "deepspeed_config": f"{self.config} (auto)",
             "auto_reason": self.reason,
-            **gib,
-            "auto_device_gib": round(self.device_bytes / 2**30, 3),
-            "auto_host_gib": round(self.host_bytes / 2**30, 3),
+            **sizes,
+            "auto_device_gib": gib(self.device_bytes),
+            "auto_host_gib": gib(self.host_bytes),
         }
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
 
 
 def choose(

@@ -73,6 +73,9 @@ def test_the_choice_and_its_numbers_are_flat_values_for_the_log():
     assert info["deepspeed_config"] == "replicated.json (auto)"
     assert info["auto_frozen_gib"] == 10.0 and info["auto_device_gib"] == 40.0 and info["auto_activations_gib"] == 2.0
     assert all(isinstance(v, (str, float)) for v in info.values())
+    tiny = choose(MemoryEstimate(3 * 2**20, 2**20, 5 * 2**10, 2**20, 4), 8 * GIB, 8 * GIB, 2).info()
+    assert tiny["auto_frozen_gib"] == pytest.approx(3 / 1024, rel=1e-3)  # small models do not round to 0
+    assert tiny["auto_reason"].startswith("frozen 3.00 MiB + trainable 5.0 KiB + activations 1.00 MiB")
 
 
 def _job(tmp_path: Path, arch="llama", task="causal-lm", labels=None, **sections) -> TrainJob:
