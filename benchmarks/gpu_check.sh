@@ -3,12 +3,19 @@
 # root with the ignored folder .whl/ present (offline wheels: deepspeed, pydantic, hjson,
 # transformers, datasets and their missing dependencies; they go to /tmp/site, ptv2 is used from
 # the source tree via PYTHONPATH). Writes its small result files to $OUT (default /tmp/gpu_check_out):
-#   versions.json     torch/CUDA/GPU and package versions, unmet wheel requirements
-#   gpu_check.json    (a) 1.1B random-init Llama, ZeRO-3 bf16 prefix training: tokens/s, MFU, peak
-#                     memory, first/last loss on the fixed batch, frozen weights unchanged, prefix moved
-#   e2e.json, e2e_*   (b) the real loop `torchrun -m ptv2.train job.yaml` on a ~25M Llama: losses,
-#                     eval, prompt artifact verified and reloaded, checkpoint written
-#   summary.json      exit status of each part
+#   versions.json          torch/CUDA/GPU and package versions, unmet wheel requirements
+#   gpu_check.json         (a) 1.1B random-init Llama, bf16 prefix training, the same model and batch
+#                          under plain PyTorch, DeepSpeed stage 0, ZeRO-3 before/after layer-sized
+#                          fetches, and with activation checkpointing: step time, tokens/s, MFU, peak
+#                          memory, losses, frozen weights unchanged, prefix moved; what `auto` picks
+#   gpu_check_profile.txt  where one plain and one ZeRO-3 step spend their time
+#   e2e.json, e2e_*        (b) the real loop `torchrun -m ptv2.train job.yaml` on a ~25M Llama under
+#                          ZeRO-3 with activation checkpointing: losses, eval, prompt artifact
+#                          verified and reloaded, checkpoint written
+#   gpu_check_compile.json (c) with what time is left: torch.compile of each decoder layer (plain,
+#                          ZeRO-3), DeepSpeed's DeepCompile, int8 frozen weights (optional: a
+#                          failure there is recorded, not fatal)
+#   summary.json           exit status of each part
 # Usage: bash benchmarks/gpu_wheels.sh  (once, here), then on the GPU machine: bash benchmarks/gpu_check.sh
 #        (device tool: carry [".whl"])
 #        GPU_CHECK_CPU=1 PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh   (CPU dry run of the glue)
@@ -27,7 +34,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OF
 export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
-DEADLINE=${GPU_CHECK_DEADLINE_S:-280}  # every step's timeout is cut to what is left of this
+DEADLINE=${GPU_CHECK_DEADLINE_S:-285}  # every step's timeout is cut to what is left of this
 cap() { local left=$((DEADLINE - SECONDS)); ((left < $1)) && echo $((left > 10 ? left : 10)) || echo "$1"; }
 
 echo "== versions ($((SECONDS))s)"
@@ -87,30 +94,34 @@ if not info["cuda_available"] and not os.environ.get("GPU_CHECK_CPU"):
     sys.exit("no CUDA device visible to torch")
 EOF
 
-rc_a=0 rc_b=0
-echo "== (a) 1.1B Llama, ZeRO-3 bf16 prefix training throughput ($((SECONDS))s)"
+rc_a=0 rc_b=0 rc_c=0
 if [[ -z "${GPU_CHECK_CPU:-}" ]]; then
   A_ARGS=()
 else  # tiny geometry: only the code path is checked on a CPU
-  A_ARGS=(--allow-cpu --layers 2 --hidden 256 --intermediate 512 --heads 4 --kv-heads 2 --seq 64 --batch 2 --steps 4)
+  A_ARGS=(--allow-cpu --layers 2 --hidden 256 --intermediate 512 --heads 4 --kv-heads 2 --seq 64 --batch 2 --steps 4
+          --compile-backend eager)
 fi
-timeout -k 5 "$(cap 135)" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
-  benchmarks/gpu_check.py --json "$OUT/gpu_check.json" --profile "$OUT/gpu_check_profile.txt" "${A_ARGS[@]}" || rc_a=$?
+echo "== (a) 1.1B Llama bf16 prefix training: plain, stage 0, ZeRO-3 before/after, checkpointing ($((SECONDS))s)"
+timeout -k 5 "$(cap 140)" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 benchmarks/gpu_check.py \
+  --variants plain,replicated,zero3_before,zero3,plain_ckpt,zero3_ckpt \
+  --json "$OUT/gpu_check.json" --profile "$OUT/gpu_check_profile.txt" "${A_ARGS[@]}" || rc_a=$?
 
-echo "== (a2) the same under DeepSpeed stage 0 (replicated.json): what ZeRO-3 costs when the model fits ($((SECONDS))s)"
-timeout -k 5 "$(cap 60)" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
-  benchmarks/gpu_check.py --ds-config replicated.json --no-baseline --json "$OUT/gpu_check_replicated.json" \
-  "${A_ARGS[@]}" || rc_a=$?
-
-echo "== (b) end-to-end ptv2.train on a small Llama ($((SECONDS))s)"
-T_B=$(cap 110)
+echo "== (b) end-to-end ptv2.train on a small Llama, ZeRO-3 + activation checkpointing ($((SECONDS))s)"
+T_B=$(cap 90)
 if [[ -z "${GPU_CHECK_CPU:-}" ]]; then B_DEV=cuda; else B_DEV=cpu; fi
-timeout -k 5 "$T_B" "$PY" benchmarks/gpu_e2e.py --out "$OUT" --device "$B_DEV" --timeout $((T_B - 25)) || rc_b=$?
+timeout -k 5 "$T_B" "$PY" benchmarks/gpu_e2e.py --out "$OUT" --device "$B_DEV" --timeout $((T_B - 25)) \
+  --gradient-checkpointing || rc_b=$?
 
-echo "{\"a_gpu_check_rc\": $rc_a, \"b_e2e_rc\": $rc_b, \"wall_s\": $SECONDS}" | tee "$OUT/summary.json"
+echo "== (c) optional, with the time left: compiled layers, DeepCompile, int8 frozen weights ($((SECONDS))s)"
+C_VARIANTS=plain_compiled,zero3_compiled,zero3_deepcompile,zero3_quantized
+timeout -k 5 "$(cap 200)" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 benchmarks/gpu_check.py \
+  --variants "plain,$C_VARIANTS" --optional "$C_VARIANTS" --steps 10 \
+  --json "$OUT/gpu_check_compile.json" "${A_ARGS[@]}" || rc_c=$?
+
+echo "{\"a_gpu_check_rc\": $rc_a, \"b_e2e_rc\": $rc_b, \"c_optional_rc\": $rc_c, \"wall_s\": $SECONDS}" | tee "$OUT/summary.json"
 ls -la "$OUT"
 if ((rc_a || rc_b)); then
-  echo "GPU CHECK FAILED (a rc=$rc_a, b rc=$rc_b; 124 = timed out)"
+  echo "GPU CHECK FAILED (a rc=$rc_a, b rc=$rc_b; 124 = timed out; c rc=$rc_c is optional)"
   exit 1
 fi
 echo "GPU CHECK OK"

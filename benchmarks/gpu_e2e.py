@@ -2,7 +2,8 @@
 
 Saves a small random-init Llama (~25M parameters) with the tests' word-level tokenizer and
 synthetic prompt -> response data into a work folder, writes a job YAML, runs
-`torchrun --nproc_per_node 1 -m ptv2.train job.yaml` (ZeRO-3, bf16 on CUDA / fp32 on CPU), and
+`torchrun --nproc_per_node 1 -m ptv2.train job.yaml` (ZeRO-3, bf16 on CUDA / fp32 on CPU; with
+--gradient-checkpointing the layers are recomputed in the backward), and
 checks the outcome: training and eval losses finite and going down, the prompt artifact written
 and verified (checksums, step, metrics), a checkpoint written, and the artifact reloaded into a
 plain model reproducing the final eval loss. Small result files go to --out.
@@ -88,6 +89,7 @@ def prepare(work: Path, args, dtype: str) -> tuple[Path, int]:
             "checkpoint_every": max(1, args.steps // 2),
             "keep_checkpoints": 1,
             "seed": 0,
+            "gradient_checkpointing": args.gradient_checkpointing,
         },
         "deepspeed": {
             "config": "zero3.json",
@@ -171,6 +173,7 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--init-range", type=float, default=0.05)
     ap.add_argument("--timeout", type=float, default=150, help="seconds allowed for the torchrun training")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="train.gradient_checkpointing: true")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -213,7 +216,9 @@ def main() -> None:
         problems.append(f"torchrun exited with {rc}")
     if "[ptv2] prompt:" not in log:
         problems.append("the run did not reach its end ('[ptv2] prompt:' missing)")
-    if info.get("zero_stage") != "3" or info.get("dtype") != dtype or info.get("device") != args.device:
+    expected = {"zero_stage": "3", "dtype": dtype, "device": args.device}
+    expected["gradient_checkpointing"] = str(args.gradient_checkpointing)
+    if any(info.get(k) != v for k, v in expected.items()):
         problems.append(f"unexpected run setup: {info_line.strip()!r}")
     losses = [steps[s] for s in sorted(steps)]
     if len(losses) != args.steps:

@@ -117,9 +117,7 @@ def write_spec(work: Path, model: Path, steps: int, prefix: int) -> Path:
         # live at once (the 394M-value embedding is one parameter and is gathered alone)
         "deepspeed": {
             "config": "zero3.json",
-            "overrides": {
-                "zero_optimization": {"stage3_max_live_parameters": 1e8, "stage3_max_reuse_distance": 1e8}
-            },
+            "overrides": {"zero_optimization": {"stage3_max_live_parameters": 1e8, "stage3_max_reuse_distance": 1e8}},
         },
         "storage": str(work / "storage"),
         "resources": {"workers": 2, "cpus_per_worker": 1},

@@ -657,6 +657,7 @@ def serve_prompts(
     from pydantic import ValidationError
 
     from launcher import serve as srv
+
     pairs = [(srv.default_name(x), x) for x in sources or []]
     for item in named or []:
         name, sep, source = item.partition("=")

@@ -287,7 +287,7 @@ def load_spec(path: str | Path, check_files: bool = True, model_on_cluster: bool
     if spec.storage is not None:
         spec = spec.model_copy(update={"storage": storage.normalize(spec.storage)})
     try:
-        dsconfig.build(spec, spec.resources.workers, "float32")
+        dsconfig.validate(spec, spec.resources.workers)
     except dsconfig.DeepSpeedConfigError as e:
         raise SpecError(f"{path}: {e}") from e
     if spec.sweep is not None:

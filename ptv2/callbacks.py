@@ -34,11 +34,12 @@ class ConsoleLogger(Callback):
         self._print(rank, " ".join(f"{k}={v}" for k, v in info.items()))
 
     def on_step(self, rank, step, m):
+        # DeepSpeed reports no gradient norm for a stage-0 fp32 engine (it clips, but keeps no norm)
+        norm = f"grad_norm {m['grad_norm']:.3f} " if "grad_norm" in m else ""
         self._print(
             rank,
             f"step {step}/{int(m['total_steps'])} loss {m['loss']:.4f} lr {m['lr']:.2e} "
-            f"grad_norm {m.get('grad_norm', float('nan')):.3f} tokens/s {m['tokens_per_s']:.0f} "
-            f"eta {m['eta_s']:.0f}s",
+            f"{norm}tokens/s {m['tokens_per_s']:.0f} eta {m['eta_s']:.0f}s",
         )
 
     def on_eval(self, rank, step, m):

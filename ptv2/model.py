@@ -26,6 +26,7 @@ from transformers import (
     DynamicCache,
     PreTrainedModel,
 )
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 from transformers.utils import ModelOutput
 
@@ -158,6 +159,17 @@ def _init_vocab(base: PreTrainedModel, vocab: int | Sequence[int] | torch.Tensor
     return ids
 
 
+class PrefixCache(DynamicCache):
+    """The prefix as a cache that one forward reads and never grows: each layer's update returns
+    [prefix ; new keys/values] and keeps only the prefix. A forward can then be replayed, which is
+    what activation checkpointing does to every layer in the backward (a growing cache would hold
+    the tokens twice by then, so transformers' checkpointed layers drop any other cache)."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+
 class PromptedModel(nn.Module):
     """`base` (frozen) + a trainable prompt + an optional trainable task head."""
 
@@ -241,9 +253,23 @@ class PromptedModel(nn.Module):
     def prompt_length(self) -> int:
         return self.prompt_config.length if self.prompt is not None else 0
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Activation checkpointing of the base model's layers, transformers' own: each layer keeps
+        its input and is recomputed in the backward. Non-reentrant, so the prefix, which reaches
+        every layer inside the cache rather than as an argument, still gets its gradient; the
+        layers may keep the cache because `prepare` hands them a PrefixCache, which a replay reads
+        alike. Model-level flags stay off: GPT-2's model drops the cache itself when it is set."""
+        self.base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        for module in self.base.modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                module._can_checkpoint_with_cache = True
+            elif getattr(module, "gradient_checkpointing", False):
+                module.gradient_checkpointing = False
+
     # ---- injection -------------------------------------------------------------------------
-    def prefix_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> DynamicCache:
-        """A fresh cache holding the prefix of every layer, expanded to `batch_size`."""
+    def prefix_cache(self, batch_size: int, dtype: torch.dtype | None = None, replayable: bool = False) -> DynamicCache:
+        """A fresh cache holding the prefix of every layer, expanded to `batch_size`; `replayable`:
+        a PrefixCache, which one forward reads without growing it (not for generation)."""
         assert isinstance(self.prompt, PrefixEncoder)
         kv = self.prompt()
         kv = kv.to(dtype or self.base.dtype)
@@ -256,7 +282,7 @@ class PromptedModel(nn.Module):
         ]
         # BERT-family encoders build their own cache layers from the data (config=None).
         config = self.base.config if self.geometry.kind == "decoder" else None
-        return DynamicCache(layers, config=config)
+        return (PrefixCache if replayable else DynamicCache)(layers, config=config)
 
     def _positions(self, mask: torch.Tensor) -> torch.Tensor:
         """Real tokens numbered from P, pads skipped (so left padding changes nothing)."""
@@ -284,7 +310,7 @@ class PromptedModel(nn.Module):
                 "input_ids": input_ids,
                 "attention_mask": full_mask,
                 "position_ids": self._positions(attention_mask),
-                self.cache_kwarg: self.prefix_cache(batch),
+                self.cache_kwarg: self.prefix_cache(batch, replayable=True),
                 **extra,
             }
         # Prompt tuning: [prompt ; tokens] as embeddings; prompt positions 0..P-1, and the

@@ -196,9 +196,14 @@ class MlflowCallback(Callback):
                 "zero_stage",
                 "dtype",
                 "device",
+                "deepspeed_config",
+                "gradient_checkpointing",
             ):
                 if key in info:
                     self.c.set_tag(self.run_id, f"ptv2.{key}", str(info[key]))
+            for key, value in info.items():  # why `deepspeed.config: auto` chose its file, and the numbers
+                if key.startswith("auto_"):
+                    self.c.set_tag(self.run_id, f"ptv2.{key}", str(value))
 
     def on_train_end(self, rank, summary):
         if rank == 0 and summary.get("resources"):

@@ -85,6 +85,7 @@ class Inputs:
     train: object  # tokenized datasets
     validation: object | None
     test: object | None
+    ds_info: dict = field(default_factory=dict)  # which DeepSpeed config, and why (deepspeed.config: auto)
 
 
 @dataclass
@@ -186,6 +187,8 @@ def read_inputs(job: TrainJob, d: Dist) -> Inputs:
     from transformers import AutoConfig, AutoTokenizer
 
     m, data = job.model, job.data
+    auto = job.deepspeed.config == dsconfig.AUTO
+    memory = dsconfig.memory_per_rank(d.device) if auto else None  # collective: every rank sees the same numbers
     result, error = None, None
     with node_first(d):
         try:
@@ -197,7 +200,10 @@ def read_inputs(job: TrainJob, d: Dist) -> Inputs:
                     f"{need} exceed the {geometry.max_positions} positions {geometry.model_type} allows"
                 )
             dtype = resolve_dtype(m.dtype, d.device)
-            ds_config = dsconfig.build(job, d.world_size, dtype)
+            choice = (
+                dsconfig.choose(dsconfig.estimate(job, dtype), *memory, d.world_size, d.device.type) if auto else None
+            )
+            ds_config = dsconfig.build(job, d.world_size, dtype, choice, d.device.type)
             tokenizer = AutoTokenizer.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
             tokenizer.padding_side = "right"
 
@@ -212,6 +218,7 @@ def read_inputs(job: TrainJob, d: Dist) -> Inputs:
                 read(data.train_file),
                 read(data.validation_file),
                 read(data.test_file),
+                choice.info() if choice else {"deepspeed_config": Path(job.deepspeed.config).name},
             )
             if job.prompt.length and job.prompt.init == "text":
                 first_tokens(result.train, job.prompt.length)
@@ -253,6 +260,8 @@ def build_trainee(job: TrainJob, inputs: Inputs, d: Dist) -> Trainee:
         )
     if model.prompt is not None and job.prompt.init == "text":
         model.init_prompt_from_tokens(first_tokens(inputs.train, job.prompt.length))
+    if t.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     del hf_ds
     base_fp = None if t.train_base else fingerprint(base, base.config, exclude=model.head_names)  # collective
 
@@ -295,6 +304,7 @@ def build_trainee(job: TrainJob, inputs: Inputs, d: Dist) -> Trainee:
         "storage": job.storage,
         "load_s": round(load_s, 2),
     }
+    info.update(inputs.ds_info, gradient_checkpointing=t.gradient_checkpointing)
     memory = {
         "rss_before_load_gib": rss_before,
         "frozen_resident_gib": held / GIB,

@@ -203,7 +203,10 @@ def _spec(tmp: Path, tracking_uri: str) -> Path:
             "checkpoint_every": 4,
             "max_failures": 1,
         },
-        "deepspeed": {"overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
+        "deepspeed": {
+            "config": "zero3.json",  # partitioned frozen weights across the nodes, whatever auto would pick
+            "overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
+        },
         "storage": f"s3://{BUCKET}/jobs",
         "resources": {"workers": 2, "cpus_per_worker": 1},
         "tracking": {"experiment": "multinode", "tracking_uri": tracking_uri},

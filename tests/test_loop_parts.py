@@ -40,7 +40,12 @@ def test_every_shipped_config_is_filled_from_the_job(name):
 
 def test_overrides_merge_but_cannot_duplicate_job_values():
     cfg = dsconfig.build(
-        _job(deepspeed={"overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}}),
+        _job(
+            deepspeed={
+                "config": "zero3.json",
+                "overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
+            }
+        ),
         1,
         "float32",
     )

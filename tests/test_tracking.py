@@ -217,6 +217,9 @@ def test_rest_api_returns_the_loss_history(trained):
     run = json.loads(urllib.request.urlopen(f"{url}/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=10).read())
     tags = {t["key"]: t["value"] for t in run["run"]["data"]["tags"]}
     assert tags["ptv2.status"] == "finished" and tags["version.torch"] and tags["ptv2.base_weights_sha256"]
+    # deepspeed.config auto (the default): a tiny model fits each worker whole; the numbers are tagged
+    assert tags["ptv2.deepspeed_config"] == "replicated.json (auto)" and tags["ptv2.zero_stage"] == "0"
+    assert " fits " in tags["ptv2.auto_reason"] and float(tags["ptv2.auto_frozen_gib"]) > 0
     params = {p["key"] for p in run["run"]["data"]["params"]}
     assert {"model.name_or_path", "prompt.length", "train.lr", "deepspeed.config"} <= params
 
