@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -46,12 +45,26 @@ NER_TAGS = ["O"] + [
     )
     for p in ("B", "I")
 ]
-METHODS = {
-    "ptv2": {"prompt": {"method": "ptv2", "length": 16}, "train": {"lr": 2e-2}},
-    "prompt-tuning": {"prompt": {"method": "prompt-tuning", "length": 16}, "train": {"lr": 3e-2}},
-    "full-ft": {"prompt": {"length": 0}, "train": {"lr": 5e-5, "train_base": True}},
-    "linear-probe": {"prompt": {"length": 0}, "train": {"lr": 3e-2}},
+# Every method gets the same search (3 learning rates, a grid, chosen on dev) with the same ASHA
+# settings; prompts get twice the steps of the weight-training methods, as THUDM trains prompts
+# for many more epochs than fine-tuning (its scripts: 40-100 epochs against 3-10).
+PROMPT_STEPS, WEIGHT_STEPS = 300, 150
+EVALUATIONS = 4  # per trial; ASHA may stop a trial after the first 2 (grace period)
+METHODS = {  # name -> (settings, steps, learning rates tried)
+    "ptv2": ({"prompt": {"method": "ptv2", "length": 16}}, PROMPT_STEPS, [1e-2, 2e-2, 4e-2]),
+    "prompt-tuning": ({"prompt": {"method": "prompt-tuning", "length": 16}}, PROMPT_STEPS, [1e-2, 3e-2, 1e-1]),
+    "full-ft": ({"prompt": {"length": 0}, "train": {"train_base": True}}, WEIGHT_STEPS, [2e-5, 5e-5, 1e-4]),
+    "linear-probe": ({"prompt": {"length": 0}}, WEIGHT_STEPS, [1e-2, 3e-2, 1e-1]),
+    # THUDM's reparameterization: an Adam step moves each MLP output by up to ~512·|tanh|·lr (a plain
+    # table's by lr), so it needs a far lower prompt lr (1e-3..5e-3 collapsed to chance) while the
+    # task head keeps a probe's lr (train.head_lr)
+    "ptv2-mlp": (
+        {"prompt": {"method": "ptv2", "length": 16, "projection": 512}, "train": {"head_lr": 3e-2}},
+        PROMPT_STEPS,
+        [5e-5, 1e-4, 3e-4],
+    ),
 }
+QUICK = {"ptv2": 2e-2, "linear-probe": 3e-2}  # --quick: one run each, 120 steps
 
 
 def merge(a: dict, b: dict) -> dict:
@@ -134,39 +147,78 @@ def results(run_id: str) -> dict:
     }
 
 
-def classification(
-    data: Path, workdir: Path, dataset: str, labels: list[str], methods, steps: int, sweep: bool
-) -> dict:
+def sweep(spec: dict, workdir: Path) -> str:
+    """`ptv2 sweep` on the spec (embedded Ray, one trial at a time on 2 cores); returns the sweep id."""
+    path = workdir / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    t0 = time.time()
+    proc = subprocess.run([str(PTV2), "sweep", str(path)], capture_output=True, text=True, cwd=workdir)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptv2 sweep {spec['name']} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    sweep_id = next(line.split()[-1] for line in proc.stdout.splitlines() if line.startswith("sweep:"))
+    print(f"  {spec['name']}: sweep {sweep_id} ({time.time() - t0:.0f} s)", flush=True)
+    return sweep_id
+
+
+def sweep_trials(sweep_id: str, metric: str, experiment: str = "quality") -> list[dict]:
+    """Every trial of the sweep as MLflow recorded it: status, the swept lr, the dev metric at
+    each evaluation, the test metrics (trials that ran to the end), parameters, wall time."""
+    from ptv2 import tracking
+
+    c = tracking.client(None)
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`ptv2.sweep_id` = '{sweep_id}'")
+    out = []
+    for r in runs:
+        if r.data.tags.get("ptv2.kind") == "sweep":
+            continue
+        res = results(r.info.run_id)
+        history = sorted(c.get_metric_history(r.info.run_id, f"eval/{metric}"), key=lambda m: m.step)
+        res.update(
+            status="stopped early" if r.data.tags.get("ptv2.early_stopped") == "true" else r.info.status.lower(),
+            dev=[round(m.value, 4) for m in history],
+            dev_final=history[-1].value if history else None,
+        )
+        out.append(res)
+    return sorted(out, key=lambda t: float(t["params"]["train.lr"]))
+
+
+def classification(data: Path, workdir: Path, dataset: str, labels: list[str], methods) -> dict:
+    """One sweep per method (same grid size and ASHA settings); the chosen trial is the completed
+    one with the best final dev accuracy (the model its test score belongs to)."""
     out = {}
     for method in methods:
-        settings = METHODS[method]
-        candidates = [settings]
-        if sweep and method == "ptv2":  # prefix length and lr chosen on dev, within the
-            # ranges of THUDM/P-tuning-v2's run_script/ for classification (length 8-40, lr 5e-3..1e-2)
-            candidates = [
-                merge(settings, {"prompt": {"length": n}, "train": {"lr": lr}})
-                for n, lr in ((8, 1e-2), (16, 1e-2), (16, 2e-2), (32, 5e-3))
-            ]
-        best = None
-        for i, c in enumerate(candidates):
-            name = f"{dataset}-{method}" + (f"-c{i}" if len(candidates) > 1 else "")
-            spec = merge(base_spec(name, data, dataset, "minilm", "seq-cls", labels, steps, 16, 64, "quality"), c)
-            res = results(run(spec, workdir))
-            res["dev_accuracy"] = res["metrics"].get("eval/accuracy", 0.0)
-            if best is None or res["dev_accuracy"] > best["dev_accuracy"]:
-                best = res
-            if len(candidates) > 1:
-                out.setdefault("_sweep", []).append(
-                    {"method": method, **res["params"], "dev_accuracy": res["dev_accuracy"]}
-                )
-        out[method] = best
+        settings, steps, lrs = METHODS[method]
+        spec = merge(
+            base_spec(f"{dataset}-{method}", data, dataset, "minilm", "seq-cls", labels, steps, 16, 64, "quality"),
+            settings,
+        )
+        spec["train"]["eval_every"] = steps // EVALUATIONS
+        spec["sweep"] = {
+            "parameters": {"train.lr": {"grid": lrs}},
+            "metric": "accuracy",
+            "early_stopping": {"grace_period": 2, "reduction_factor": 2},
+        }
+        sweep_id = sweep(spec, workdir)
+        trials = sweep_trials(sweep_id, "accuracy")
+        done = [t for t in trials if t["status"] == "finished" and "test/accuracy" in t["metrics"]]
+        if not done:
+            raise RuntimeError(f"sweep {sweep_id} ({dataset} {method}): no trial finished")
+        best = max(done, key=lambda t: t["dev_final"])
+        out[method] = {
+            **best,
+            "sweep_id": sweep_id,
+            "steps": steps,
+            "trials": trials,
+            "sweep_wall_s": sum(t["wall_s"] for t in trials),
+        }
     return out
 
 
 def ner(data: Path, workdir: Path, steps: int) -> dict:
     out = {}
     for method in ("ptv2", "full-ft"):
-        settings = merge(METHODS[method], {"train": {"lr": 3e-2}} if method == "ptv2" else {})
+        settings = merge(METHODS[method][0], {"train": {"lr": 3e-2 if method == "ptv2" else 5e-5}})
         spec = merge(
             base_spec(f"wnut16-{method}", data, "wnut16", "minilm", "token-cls", NER_TAGS, steps, 16, 96, "quality"),
             settings,
@@ -175,6 +227,7 @@ def ner(data: Path, workdir: Path, steps: int) -> dict:
     return out
 
 
+GENERATION_STEPS = 120
 GENERATION_PROMPTS = {  # name -> (prompt settings, lr)
     "prompt-tuning": ({"method": "prompt-tuning", "length": 16}, 3e-2),
     "ptv2": ({"method": "ptv2", "length": 16, "init": "text"}, 1e-2),  # init chosen in the ablation
@@ -247,62 +300,26 @@ def generation(
 
 
 def ablations(data: Path, workdir: Path) -> dict:
-    """Why the gaps (QUALITY.md): prompt initialisation on SmolLM2, training length, the MLP
-    reparameterization and the token initialisation on polarity. Not part of the default run
-    (~35 minutes more)."""
-    out: dict = {}
+    """Why the generation numbers (QUALITY.md): the prefix initialisation on SmolLM2."""
     inits = {f"ptv2-init-{i}": ({"method": "ptv2", "length": 16, "init": i}, 1e-2) for i in ("normal", "vocab")}
-    out["smollm2-init"] = generation(data, workdir, steps=120, baseline=False, prompts=inits)
-    chosen = merge(METHODS["ptv2"], {"prompt": {"length": 16}, "train": {"lr": 2e-2}})
-    for name, settings, steps in (
-        ("polarity-ptv2-750steps", chosen, 750),
-        # an Adam step moves each MLP output by up to ~512·|tanh|·lr (a plain table's by lr): a far
-        # lower prompt lr (1e-3 and 5e-3 collapsed to chance); the head keeps the probe's 3e-2
-        (
-            "polarity-ptv2-mlp",
-            merge(chosen, {"prompt": {"projection": 512}, "train": {"lr": 1e-4, "head_lr": 3e-2}}),
-            250,
-        ),
-        ("polarity-ptv2-init-vocab", merge(chosen, {"prompt": {"init": "vocab"}}), 250),
-    ):
-        spec = merge(
-            base_spec(name, data, "polarity", "minilm", "seq-cls", ["negative", "positive"], steps, 16, 64, "quality"),
-            settings,
-        )
-        res = results(run(spec, workdir))
-        res["dev_accuracy"] = res["metrics"].get("eval/accuracy", 0.0)
-        out[name] = res
-    return out
+    return {"smollm2-init": generation(data, workdir, steps=GENERATION_STEPS, baseline=False, prompts=inits)}
 
 
-def from_mlflow(dataset: str, experiment: str = "quality") -> dict:
-    """Rebuild one experiment's results from the runs MLflow holds (newest run per method;
-    for swept P-Tuning v2 settings, the best on dev)."""
-    from ptv2 import tracking
-
-    c = tracking.client(None)
-    exp = c.get_experiment_by_name(experiment)
-    runs = c.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"]) if exp else []
-    out: dict = {}
-    for r in runs:
-        if r.info.status != "FINISHED" or not r.info.run_name.startswith(f"{dataset}-"):
-            continue
-        # the runs classification() names: DATASET-METHOD[-cN (a swept setting)], then the service's
-        # -YYYYMMDD-HHMMSS-xxxx suffix
-        methods = "|".join(map(re.escape, METHODS))
-        match = re.fullmatch(rf"{re.escape(dataset)}-({methods})(-c\d+)?-\d{{8}}-\d{{6}}-\w+", r.info.run_name)
-        if match is None:
-            continue
-        method, swept = match.group(1), match.group(2) is not None
-        res = results(r.info.run_id)
-        res["dev_accuracy"] = res["metrics"].get("eval/accuracy", 0.0)
-        if swept:
-            out.setdefault("_sweep", []).append(
-                {"method": method, **res["params"], "dev_accuracy": res["dev_accuracy"]}
-            )
-        if method not in out or (swept and res["dev_accuracy"] > out[method]["dev_accuracy"]):
-            out[method] = res
-    return out
+def quick(data: Path, workdir: Path) -> int:
+    """P-Tuning v2 against the linear probe on polarity, 120 steps each, asserted (`make test`)."""
+    t0 = time.time()
+    acc = {}
+    for method, lr in QUICK.items():
+        labels = ["negative", "positive"]
+        spec = base_spec(f"polarity-{method}", data, "polarity", "minilm", "seq-cls", labels, 120, 16, 64, "quality")
+        spec = merge(spec, merge(METHODS[method][0], {"train": {"lr": lr}}))
+        acc[method] = results(run(spec, workdir))["metrics"]["test/accuracy"]
+    a, b = acc["ptv2"], acc["linear-probe"]
+    print(f"quick: polarity test accuracy ptv2 {a:.3f} vs linear probe {b:.3f} ({time.time() - t0:.0f} s)")
+    if not a > b:
+        print("FAILED: P-Tuning v2 did not beat the linear probe", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main() -> int:
@@ -313,11 +330,11 @@ def main() -> int:
     ap.add_argument(
         "--only",
         nargs="+",
-        default=["polarity", "uncertainty", "wnut16", "smollm2"],
-        help="experiments to run (also: ablations, ~30 min, not in the default)",
+        default=["polarity", "uncertainty", "smollm2", "ablations"],
+        choices=["polarity", "uncertainty", "smollm2", "ablations", "wnut16"],
+        help="experiments to run (wnut16, ~10 min, is not in the default)",
     )
     ap.add_argument("--report", action="store_true", help="print the Markdown tables of --json and exit")
-    ap.add_argument("--collect", nargs="+", default=[], help="take these experiments' results from MLflow runs")
     args = ap.parse_args()
     if args.report:
         print(report(json.loads(args.json.read_text())))
@@ -331,65 +348,36 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ptv2-quality-") as tmp:
         workdir = Path(tmp)
         if args.quick:
-            res = classification(
-                args.data,
-                workdir,
-                "polarity",
-                ["negative", "positive"],
-                ("ptv2", "linear-probe"),
-                steps=120,
-                sweep=False,
-            )
-            a = res["ptv2"]["metrics"]["test/accuracy"]
-            b = res["linear-probe"]["metrics"]["test/accuracy"]
-            print(f"quick: polarity test accuracy ptv2 {a:.3f} vs linear probe {b:.3f} ({time.time() - t0:.0f} s)")
-            if not a > b:
-                print("FAILED: P-Tuning v2 did not beat the linear probe", file=sys.stderr)
-                return 1
-            return 0
+            return quick(args.data, workdir)
         # runs of earlier invocations (--only) are kept: the JSON accumulates the experiments
         results: dict = json.loads(args.json.read_text()) if args.json.is_file() else {}
-        for dataset in args.collect:
-            results[dataset] = from_mlflow(dataset)
+        meta = results.setdefault("_meta", {})
 
         def save() -> None:  # after every experiment, so an interrupted run keeps what it measured
-            # wall time of the last invocation and what it ran (results of earlier ones are kept)
-            meta = results.setdefault("_meta", {})
-            meta.update(cpu_count=os.cpu_count(), python=sys.version.split()[0], ran=args.only)
+            meta.update(cpu_count=os.cpu_count(), python=sys.version.split()[0])
             args.json.write_text(json.dumps(results, indent=2) + "\n")
 
-        save()
-        if "polarity" in args.only:
-            print("polarity (MiniLM, Pang & Lee sentences)", flush=True)
-            results["polarity"] = classification(
-                args.data, workdir, "polarity", ["negative", "positive"], tuple(METHODS), steps=250, sweep=True
-            )
+        experiments = {
+            "polarity": lambda: classification(args.data, workdir, "polarity", ["negative", "positive"], METHODS),
+            "uncertainty": lambda: classification(
+                args.data, workdir, "uncertainty", ["certain", "uncertain"], [m for m in METHODS if m != "ptv2-mlp"]
+            ),
+            "wnut16": lambda: ner(args.data, workdir, steps=250),
+            "smollm2": lambda: generation(args.data, workdir, steps=GENERATION_STEPS),
+            "ablations": lambda: ablations(args.data, workdir),
+        }
+        for name in args.only:
+            print(name, flush=True)
+            t1 = time.time()
+            results[name] = experiments[name]()
+            meta.setdefault("wall_s", {})[name] = round(time.time() - t1)
             save()
-        if "uncertainty" in args.only:
-            print("uncertainty (MiniLM, CoNLL-2010 sentences)", flush=True)
-            results["uncertainty"] = classification(
-                args.data, workdir, "uncertainty", ["certain", "uncertain"], tuple(METHODS), steps=200, sweep=False
-            )
-            save()
-        if "wnut16" in args.only:
-            print("wnut16 NER (MiniLM)", flush=True)
-            results["wnut16"] = ner(args.data, workdir, steps=250)
-            save()
-        if "smollm2" in args.only:
-            print("SmolLM2-135M chat replies", flush=True)
-            results["smollm2"] = generation(args.data, workdir, steps=120)
-            save()
-        if "ablations" in args.only:
-            print("ablations: polarity 750 steps, MLP reparameterization; SmolLM2 prompt init", flush=True)
-            results["ablations"] = ablations(args.data, workdir)
-            save()
-    results["_meta"]["wall_s"] = round(time.time() - t0)
-    save()
+    print(f"done in {time.time() - t0:.0f} s")
     try:
         plot(results, args.json.with_name("quality.png"))
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
-    print(json.dumps(results, indent=2))
+    print(report(results))
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-METHODS = ("ptv2", "prompt-tuning", "full-ft", "linear-probe")
+METHODS = ("ptv2", "ptv2-mlp", "prompt-tuning", "full-ft", "linear-probe")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -35,6 +35,42 @@ def _pct(v) -> str:
     return "—" if v is None else f"{100 * v:.1f}"
 
 
+def _classification(res: dict, title: str) -> list[str]:
+    lines = [
+        f"### {title}",
+        "",
+        "| method | test accuracy | test macro-F1 | dev accuracy | trainable params | share | steps | chosen lr "
+        "| trials (stopped early) | wall of the chosen trial (s) | wall of the sweep (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method in METHODS:
+        r = res.get(method)
+        if not r:
+            continue
+        m, p = r["metrics"], r["params"]
+        stopped = sum(t["status"] == "stopped early" for t in r["trials"])
+        lines.append(
+            f"| {method} | {_pct(m.get('test/accuracy'))} | {_pct(m.get('test/macro_f1'))} | "
+            f"{_pct(r['dev_final'])} | {r['trainable_params']:,} | {r['trainable_share_pct']:.3f}% | {r['steps']} | "
+            f"{p['train.lr']} | {len(r['trials'])} ({stopped}) | {r['wall_s']:.0f} | {r['sweep_wall_s']:.0f} |"
+        )
+    lines += [
+        "",
+        "Every trial (dev accuracy at each evaluation; test accuracy for trials that ran to the end):",
+        "",
+        "| method | lr | status | dev accuracy per evaluation | test accuracy | wall (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method in METHODS:
+        for t in (res.get(method) or {}).get("trials", []):
+            dev = " → ".join(_pct(v) for v in t["dev"])
+            lines.append(
+                f"| {method} | {t['params']['train.lr']} | {t['status']} | {dev} | "
+                f"{_pct(t['metrics'].get('test/accuracy'))} | {t['wall_s']:.0f} |"
+            )
+    return lines + [""]
+
+
 def report(results: dict) -> str:
     """Markdown tables of the results (QUALITY.md's numbers are generated from quality.json)."""
     lines = []
@@ -42,36 +78,8 @@ def report(results: dict) -> str:
         ("polarity", "Polarity (Pang & Lee sentences), MiniLM-L6"),
         ("uncertainty", "CoNLL-2010 uncertainty sentences, MiniLM-L6"),
     ):
-        res = results.get(dataset)
-        if not res:
-            continue
-        lines += [
-            f"### {title}",
-            "",
-            "| method | test accuracy | test macro-F1 | dev accuracy | trainable params | share | "
-            "prompt length / lr | wall (s) |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for method in METHODS:
-            r = res.get(method)
-            if not r:
-                continue
-            m, p = r["metrics"], r["params"]
-            lines.append(
-                f"| {method} | {_pct(m.get('test/accuracy'))} | {_pct(m.get('test/macro_f1'))} | "
-                f"{_pct(m.get('eval/accuracy'))} | {r['trainable_params']:,} | {r['trainable_share_pct']:.3f}% | "
-                f"{p['prompt.length']} / {p['train.lr']} | {r['wall_s']:.0f} |"
-            )
-        if res.get("_sweep"):
-            lines += [
-                "",
-                "P-Tuning v2 settings tried (chosen on dev accuracy):",
-                "",
-                "| prompt length | lr | dev accuracy |",
-                "|---|---|---|",
-            ]
-            lines += [f"| {c['prompt.length']} | {c['train.lr']} | {_pct(c['dev_accuracy'])} |" for c in res["_sweep"]]
-        lines.append("")
+        if results.get(dataset):
+            lines += _classification(results[dataset], title)
     if results.get("wnut16"):
         lines += [
             "### WNUT-16 NER (tweets), MiniLM-L6",
@@ -102,29 +110,9 @@ def report(results: dict) -> str:
             )
         lines.append("")
     ab = results.get("ablations") or {}
-    polarity = {k: v for k, v in ab.items() if k.startswith("polarity-")}
-    if polarity:
-        lines += [
-            "### Ablations on polarity (P-Tuning v2, length 16)",
-            "",
-            "| run | steps | prompt | lr | test accuracy | dev accuracy | trainable params | wall (s) |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for name, r in polarity.items():
-            m = r["metrics"]
-            p = {k: v for k, v in r["params"].items() if v not in (None, "None")}  # MLflow writes None as "None"
-            prompt = f"MLP {p['prompt.projection']}" if "prompt.projection" in p else "table"
-            lines.append(
-                f"| {name} | {p['train.max_steps']} | {prompt}"
-                f"{' / init ' + p['prompt.init'] if 'prompt.init' in p else ''} | {p['train.lr']}"
-                f"{' (head ' + p['train.head_lr'] + ')' if 'train.head_lr' in p else ''} | "
-                f"{_pct(m.get('test/accuracy'))} | {_pct(m.get('eval/accuracy'))} | {r['trainable_params']:,} | "
-                f"{r['wall_s']:.0f} |"
-            )
-        lines.append("")
     if ab.get("smollm2-init"):
         lines += [
-            "### Ablation: P-Tuning v2 prefix initialisation on SmolLM2 (chatterbot replies, 120 steps)",
+            "### Ablation: P-Tuning v2 prefix initialisation on SmolLM2 (chatterbot replies, same steps)",
             "",
             "| init | test loss (reply tokens) | exact match (greedy) | wall (s) |",
             "|---|---|---|---|",
