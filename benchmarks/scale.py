@@ -113,11 +113,18 @@ def write_spec(work: Path, model: Path, steps: int, prefix: int) -> Path:
             "max_length": 32,
         },
         "train": {"max_steps": steps, "lr": 2e-2, "micro_batch_size": 2, "log_every": 1, "seed": 0},
-        # ZeRO-3 for a model that is not to be whole on a rank: at most ~100M gathered parameters
-        # live at once (the 394M-value embedding is one parameter and is gathered alone)
+        # ZeRO-3 for a model that is not to be whole on a rank: a gathered parameter is released as
+        # soon as its module is done, and nothing is prefetched (the tied 394M-value embedding is
+        # one parameter: it is gathered alone, at the embedding lookup and again for the logits)
         "deepspeed": {
             "config": "zero3.json",
-            "overrides": {"zero_optimization": {"stage3_max_live_parameters": 1e8, "stage3_max_reuse_distance": 1e8}},
+            "overrides": {
+                "zero_optimization": {
+                    "stage3_max_live_parameters": 0,
+                    "stage3_max_reuse_distance": 0,
+                    "stage3_prefetch_bucket_size": 0,
+                }
+            },
         },
         "storage": str(work / "storage"),
         "resources": {"workers": 2, "cpus_per_worker": 1},
