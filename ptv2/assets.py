@@ -157,6 +157,25 @@ def normalise_prompt(text: str) -> str:
     return text.rstrip(TRAILING_PUNCTUATION + " ")
 
 
+def input_key(row: dict) -> str:
+    """What makes two examples the same input: the text (or tokens, or prompt), normalised."""
+    value = row.get("text") or row.get("prompt") or " ".join(row["tokens"])
+    return normalise_prompt(value)
+
+
+def unique_inputs(rows: list[dict]) -> list[dict]:
+    """The first example of each input: a repeated sentence (the CoNLL-2010 and WNUT-16 files
+    repeat some) would otherwise land in train and test alike and be scored as recall."""
+    seen: set[str] = set()
+    out = []
+    for row in rows:
+        key = input_key(row)
+        if key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out
+
+
 def chat_pairs() -> list[dict]:
     """(prompt, response) pairs from the first two turns of chatterbot-corpus conversations, one
     per prompt: the first response seen (files in name order) for each normalised prompt.
@@ -213,7 +232,7 @@ def prepare(out: Path, only: tuple[str, ...] = DATASETS, seed: int = 0) -> dict[
         else:
             raise ValueError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
         counts[name] = {}
-        for split, part in _split(rows, seed).items():
+        for split, part in _split(unique_inputs(rows), seed).items():
             _write_jsonl(out / name / f"{split}.jsonl", part)
             counts[name][split] = len(part)
     return counts

@@ -127,3 +127,17 @@ def test_normalise_prompt():
     assert assets.normalise_prompt("  What is  AI? ") == assets.normalise_prompt("what is ai") == "what is ai"
     assert assets.normalise_prompt("Hi, how is it going...") == "hi, how is it going"
     assert assets.normalise_prompt("Ｈｉ!") == "hi"  # NFKC: full-width letters
+
+
+@pytest.mark.parametrize("dataset", ["uncertainty", "wnut16"])
+def test_labelled_splits_share_no_input(tmp_path, dataset):
+    """The real corpora repeat some sentences: after preparation no input is in two splits."""
+    counts = assets.prepare(tmp_path, only=(dataset,))
+    splits = {}
+    for split in ("train", "dev", "test"):
+        rows = [json.loads(line) for line in (tmp_path / dataset / f"{split}.jsonl").read_text().splitlines()]
+        keys = [assets.input_key(r) for r in rows]
+        assert len(set(keys)) == len(keys) == counts[dataset][split] > 0, split
+        splits[split] = set(keys)
+    assert not splits["train"] & splits["dev"] and not splits["train"] & splits["test"]
+    assert not splits["dev"] & splits["test"]
