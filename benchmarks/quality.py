@@ -183,10 +183,12 @@ def sweep_trials(sweep_id: str, metric: str, experiment: str = "quality") -> lis
     return sorted(out, key=lambda t: float(t["params"]["train.lr"]))
 
 
-def classification(data: Path, workdir: Path, dataset: str, labels: list[str], methods) -> dict:
+def classification(
+    data: Path, workdir: Path, dataset: str, labels: list[str], methods, out: dict, save=lambda: None
+) -> dict:
     """One sweep per method (same grid size and ASHA settings); the chosen trial is the completed
-    one with the best final dev accuracy (the model its test score belongs to)."""
-    out = {}
+    one with the best final dev accuracy (the model its test score belongs to). `out` is filled
+    as each method's sweep ends (the caller saves it: an interrupted run keeps what it measured)."""
     for method in methods:
         settings, steps, lrs = METHODS[method]
         spec = merge(
@@ -212,6 +214,7 @@ def classification(data: Path, workdir: Path, dataset: str, labels: list[str], m
             "trials": trials,
             "sweep_wall_s": sum(t["wall_s"] for t in trials),
         }
+        save()
     return out
 
 
@@ -357,10 +360,22 @@ def main() -> int:
             meta.update(cpu_count=os.cpu_count(), python=sys.version.split()[0])
             args.json.write_text(json.dumps(results, indent=2) + "\n")
 
+        def partial(name: str) -> dict:  # a fresh entry for the experiment, filled as it goes
+            results[name] = {}
+            return results[name]
+
         experiments = {
-            "polarity": lambda: classification(args.data, workdir, "polarity", ["negative", "positive"], METHODS),
+            "polarity": lambda: classification(
+                args.data, workdir, "polarity", ["negative", "positive"], METHODS, partial("polarity"), save
+            ),
             "uncertainty": lambda: classification(
-                args.data, workdir, "uncertainty", ["certain", "uncertain"], [m for m in METHODS if m != "ptv2-mlp"]
+                args.data,
+                workdir,
+                "uncertainty",
+                ["certain", "uncertain"],
+                [m for m in METHODS if m != "ptv2-mlp"],
+                partial("uncertainty"),
+                save,
             ),
             "wnut16": lambda: ner(args.data, workdir, steps=250),
             "smollm2": lambda: generation(args.data, workdir, steps=GENERATION_STEPS),
