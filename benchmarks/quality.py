@@ -1,14 +1,18 @@
 """Quality benchmark: does a deep prompt match fine-tuning on real models and real data?
 
-Every training run goes through the service path: a job spec -> `ptv2 run` (embedded Ray, 2
-DeepSpeed workers) -> MLflow; the results are read back from MLflow (test metrics, trainable
-parameter counts, wall time), and the generation scores from the prompt fetched out of MLflow.
+Every training run goes through the service path: classification as one `ptv2 sweep` per method
+(Ray Tune, each trial a ptv2 job with 2 DeepSpeed workers, ASHA), generation through `ptv2 run`
+-> MLflow; the results are read back from MLflow (test metrics, trainable parameter counts, wall
+time), and the generation scores from the prompts fetched out of MLflow.
 
-    python benchmarks/quality.py            # every experiment (~1 hour on 2 cores), writes benchmarks/QUALITY.md
+    python benchmarks/quality.py            # polarity sweeps (~55 min on 2 cores), uncertainty (~45 min),
+                                            # SmolLM2 + its ablation (~35 min); writes quality.json/.png
+    python benchmarks/quality.py --only polarity   # a part (results accumulate in quality.json)
+    python benchmarks/quality.py --report          # the Markdown tables of quality.json
     python benchmarks/quality.py --quick    # < 3 minutes: asserts P-Tuning v2 beats the linear probe on polarity
 
-Methods: ptv2 (deep prefix + head), prompt-tuning (Lester: input embeddings + head), full
-fine-tuning (every weight), linear probe (frozen model, head only).
+Methods: ptv2 (deep prefix + head), ptv2-mlp (THUDM's MLP reparameterization), prompt-tuning
+(Lester: input embeddings + head), full fine-tuning (every weight), linear probe (head only).
 """
 
 from __future__ import annotations

@@ -137,6 +137,9 @@ def cluster(s3, tmp_path_factory):
             "include_dashboard": True,
             "dashboard_host": "127.0.0.1",
             "dashboard_port": port,
+            # the Jobs API goes through the head's agent: on its default port (52365) it fails to
+            # bind when another Ray on this host (a user's, another test run's) already has it
+            "dashboard_agent_listen_port": _free_port(),
         },
     )
     scratch = tmp_path_factory.mktemp("scratch")
