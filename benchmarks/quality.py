@@ -377,7 +377,7 @@ def main() -> int:
                 workdir,
                 "uncertainty",
                 ["certain", "uncertain"],
-                [m for m in METHODS if m != "ptv2-mlp"],
+                ["ptv2", "full-ft", "prompt-tuning", "linear-probe"],
                 partial("uncertainty"),
                 save,
             ),
