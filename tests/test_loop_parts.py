@@ -443,3 +443,47 @@ def test_a_stale_op_build_lock_is_cleared_and_a_fresh_one_kept(tmp_path, monkeyp
     os.utime(stale, (time.time() - 3600, time.time() - 3600))
     assert clear_stale_build_locks(max_age_s=600) == [stale]
     assert not stale.exists() and fresh.exists()
+
+
+def test_gradient_accumulation_weighs_every_labelled_token_of_the_step_alike():
+    """Two micro-batches with 1 and 5 labelled next-token targets: the step's gradient equals the
+    gradient of the mean over all 6 targets, not the mean of the two micro-batch means."""
+    from ptv2.distributed import Dist
+    from ptv2.train import Trainee, train_step
+    from tests.tiny import tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_model("llama").float()
+
+    class Engine:  # what train_step needs of DeepSpeed's engine, on one process
+        def __call__(self, **batch):
+            return model(**batch)
+
+        def backward(self, loss, scale_wrt_gas):
+            loss.backward()
+
+        def step(self):
+            pass
+
+    ids = torch.randint(3, 60, (2, 8))
+    short = {"input_ids": ids[:1], "attention_mask": torch.ones(1, 8, dtype=torch.long), "labels": ids[:1].clone()}
+    short["labels"][0, :6] = -100  # 1 target (position 7, predicted from 6)
+    long = {"input_ids": ids[1:], "attention_mask": torch.ones(1, 8, dtype=torch.long), "labels": ids[1:].clone()}
+    long["labels"][0, :2] = -100  # 5 targets
+    trainee = Trainee(model, Engine(), None, None, 1, {}, {})
+    d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    loss, _ = train_step(trainee, [short, long], "causal-lm", d)
+    stepped = [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    logits = torch.cat([model(input_ids=b["input_ids"]).logits[:, :-1] for b in (short, long)], dim=1)
+    targets = torch.cat([b["labels"][:, 1:] for b in (short, long)], dim=1)
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    expected.backward()
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    for got, want in zip(stepped, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    # and it is not the mean of the micro-batch means, which weighs the single target 5x more
+    model.zero_grad()
+    means = [model(**b).loss for b in (short, long)]
+    assert abs(sum(means).item() / 2 - expected.item()) > 1e-3
