@@ -119,17 +119,23 @@ def base_spec(
     return spec
 
 
-def run(spec: dict, workdir: Path) -> str:
-    """`ptv2 run` on the spec; returns the MLflow run id."""
+def service(command: str, spec: dict, workdir: Path, answer: str) -> str:
+    """`ptv2 COMMAND` (run or sweep) on the spec; returns the value of its `ANSWER:` output line
+    (the MLflow run id, or the sweep id)."""
     path = workdir / f"{spec['name']}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     t0 = time.time()
-    proc = subprocess.run([str(PTV2), "run", str(path)], capture_output=True, text=True, cwd=workdir)
+    proc = subprocess.run([str(PTV2), command, str(path)], capture_output=True, text=True, cwd=workdir)
     if proc.returncode != 0:
-        raise RuntimeError(f"ptv2 run {spec['name']} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
-    run_id = next(line.split()[-1] for line in proc.stdout.splitlines() if line.startswith("run id:"))
-    print(f"  {spec['name']}: run {run_id} ({time.time() - t0:.0f} s)", flush=True)
-    return run_id
+        raise RuntimeError(f"ptv2 {command} {spec['name']} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    value = next(line.split()[-1] for line in proc.stdout.splitlines() if line.startswith(f"{answer}:"))
+    print(f"  {spec['name']}: {command} {value} ({time.time() - t0:.0f} s)", flush=True)
+    return value
+
+
+def run(spec: dict, workdir: Path) -> str:
+    """`ptv2 run` on the spec; returns the MLflow run id."""
+    return service("run", spec, workdir, "run id")
 
 
 def results(run_id: str) -> dict:
@@ -153,15 +159,7 @@ def results(run_id: str) -> dict:
 
 def sweep(spec: dict, workdir: Path) -> str:
     """`ptv2 sweep` on the spec (embedded Ray, one trial at a time on 2 cores); returns the sweep id."""
-    path = workdir / f"{spec['name']}.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    t0 = time.time()
-    proc = subprocess.run([str(PTV2), "sweep", str(path)], capture_output=True, text=True, cwd=workdir)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ptv2 sweep {spec['name']} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
-    sweep_id = next(line.split()[-1] for line in proc.stdout.splitlines() if line.startswith("sweep:"))
-    print(f"  {spec['name']}: sweep {sweep_id} ({time.time() - t0:.0f} s)", flush=True)
-    return sweep_id
+    return service("sweep", spec, workdir, "sweep")
 
 
 def sweep_trials(sweep_id: str, metric: str, experiment: str = "quality") -> list[dict]:

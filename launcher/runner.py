@@ -194,16 +194,19 @@ def _read_error(location: str) -> str | None:
     return json.loads(storage.read_bytes(path))["error"]
 
 
+def reopen_run(uri: str, experiment: str, job_id: str, what: str = "job") -> str:
+    """--resume: the MLflow run of job (or sweep) `job_id`, reopened."""
+    run_id = tracking.find_job_run(uri, experiment, job_id)
+    if run_id is None:
+        raise JobFailed(f"--resume {job_id}: no MLflow run of that {what} in experiment {experiment!r} at {uri}")
+    tracking.reopen_run(uri, run_id)
+    return run_id
+
+
 def open_run(spec: JobSpec, spec_text: str, job_id: str, uri: str, resume: bool, tags: dict) -> str:
     """The job's MLflow run: a new one, or (resume) the job's own run, reopened."""
     if resume:
-        run_id = tracking.find_job_run(uri, spec.tracking.experiment, job_id)
-        if run_id is None:
-            raise JobFailed(
-                f"--resume {job_id}: no MLflow run of that job in experiment {spec.tracking.experiment!r} at {uri}"
-            )
-        tracking.reopen_run(uri, run_id)
-        return run_id
+        return reopen_run(uri, spec.tracking.experiment, job_id)
     return tracking.start_run(uri, spec.tracking.experiment, job_id, spec.model_dump(mode="json"), tags, spec_text)
 
 

@@ -26,6 +26,7 @@ from launcher.runner import (
     job_tags,
     make_trainer,
     new_job_id,
+    reopen_run,
 )
 from launcher.spec import JobSpec, Sweep, with_values
 from ptv2 import storage, tracking
@@ -154,13 +155,7 @@ def make_callback(uri: str, experiment: str, sweep_id: str, metric: str):
 
 def open_parent(spec: JobSpec, spec_text: str, sweep_id: str, uri: str, resume: bool, address: str | None) -> str:
     if resume:
-        run_id = tracking.find_job_run(uri, spec.tracking.experiment, sweep_id)
-        if run_id is None:
-            raise JobFailed(
-                f"--resume {sweep_id}: no MLflow run of that sweep in {spec.tracking.experiment!r} at {uri}"
-            )
-        tracking.reopen_run(uri, run_id)
-        return run_id
+        return reopen_run(uri, spec.tracking.experiment, sweep_id, "sweep")
     metric, mode = objective(spec)
     params = {
         **{f"sweep.parameters.{k}": d.describe() for k, d in spec.sweep.parameters.items()},
