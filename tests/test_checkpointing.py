@@ -77,7 +77,8 @@ def test_checkpointed_gradients_equal_the_unchecked_run(arch, task, method):
 
 
 ZERO3_WORKER = r"""
-import json, sys
+import faulthandler, json, sys
+faulthandler.dump_traceback_later(280, exit=True)  # a hang shows its stack before the test's timeout
 import deepspeed, torch
 from deepspeed.utils import safe_get_full_grad
 from transformers.integrations import HfDeepSpeedConfig
