@@ -5,9 +5,10 @@ Every training run goes through the service path: classification as one `ptv2 sw
 -> MLflow; the results are read back from MLflow (test metrics, trainable parameter counts, wall
 time), and the generation scores from the prompts fetched out of MLflow.
 
-    python benchmarks/quality.py            # polarity sweeps (~55 min on 2 cores), uncertainty (~45 min),
+    python benchmarks/quality.py            # polarity sweeps (~66 min on 2 cores), uncertainty (~50 min),
                                             # SmolLM2 + its ablation (~35 min); writes quality.json/.png
     python benchmarks/quality.py --only polarity   # a part (results accumulate in quality.json)
+    python benchmarks/quality.py --only uncertainty --methods linear-probe   # one method's sweep again
     python benchmarks/quality.py --report          # the Markdown tables of quality.json
     python benchmarks/quality.py --quick    # < 3 minutes: asserts P-Tuning v2 beats the linear probe on polarity
 
@@ -339,6 +340,12 @@ def main() -> int:
         choices=["polarity", "uncertainty", "smollm2", "ablations", "wnut16"],
         help="experiments to run (wnut16, ~10 min, is not in the default)",
     )
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        help="classification methods to (re)run; the results of the experiment's other methods are kept",
+    )
     ap.add_argument("--report", action="store_true", help="print the Markdown tables of --json and exit")
     args = ap.parse_args()
     if args.report:
@@ -362,20 +369,24 @@ def main() -> int:
             meta.update(cpu_count=os.cpu_count(), python=sys.version.split()[0])
             args.json.write_text(json.dumps(results, indent=2) + "\n")
 
-        def partial(name: str) -> dict:  # a fresh entry for the experiment, filled as it goes
-            results[name] = {}
-            return results[name]
+        def partial(name: str) -> dict:  # the experiment's entry, filled as it goes
+            if not args.methods:  # a whole experiment starts afresh
+                results[name] = {}
+            return results.setdefault(name, {})
+
+        def methods(names) -> list[str]:
+            return [m for m in names if not args.methods or m in args.methods]
 
         experiments = {
             "polarity": lambda: classification(
-                args.data, workdir, "polarity", ["negative", "positive"], METHODS, partial("polarity"), save
+                args.data, workdir, "polarity", ["negative", "positive"], methods(METHODS), partial("polarity"), save
             ),
             "uncertainty": lambda: classification(
                 args.data,
                 workdir,
                 "uncertainty",
                 ["certain", "uncertain"],
-                ["ptv2", "full-ft", "prompt-tuning", "linear-probe"],
+                methods(["ptv2", "full-ft", "prompt-tuning", "linear-probe"]),
                 partial("uncertainty"),
                 save,
             ),
@@ -387,7 +398,8 @@ def main() -> int:
             print(name, flush=True)
             t1 = time.time()
             results[name] = experiments[name]()
-            meta.setdefault("wall_s", {})[name] = round(time.time() - t1)
+            walls = meta.setdefault("wall_s", {})
+            walls[name] = round(time.time() - t1) + (walls.get(name, 0) if args.methods else 0)
             save()
     print(f"done in {time.time() - t0:.0f} s")
     try:
