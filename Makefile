@@ -36,7 +36,7 @@ data: setup
 
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 demo: setup data
 	$(BIN)/ptv2 run jobs/quickstart.yaml
