@@ -194,7 +194,8 @@ def _free_port() -> int:
 
 # ---- the workloads -----------------------------------------------------------------------------------------
 def deploy(name: str, base: str, paths: list[Path], batching: str, args, cache: Path) -> str:
-    from launcher.serve import ServeOptions, build_app, startup_entries
+    from launcher.serve import ServeOptions, build_app
+    from launcher.serve_sources import startup_entries
 
     options = ServeOptions(
         base=base,

@@ -657,8 +657,9 @@ def serve_prompts(
     from pydantic import ValidationError
 
     from launcher import serve as srv
+    from launcher import serve_sources
 
-    pairs = [(srv.default_name(x), x) for x in sources or []]
+    pairs = [(serve_sources.default_name(x), x) for x in sources or []]
     for item in named or []:
         name, sep, source = item.partition("=")
         if not sep or not name or not source:
@@ -673,7 +674,7 @@ def serve_prompts(
         fail("the bearer token must be at least 16 characters")
     cache = cache_dir or tracking.home() / "serve-cache"
     try:
-        entries = srv.startup_entries(tracking_uri, pairs, cache)
+        entries = serve_sources.startup_entries(tracking_uri, pairs, cache)
         base = model or (entries[0]["base"] if entries else None)
         if base is None:
             fail("nothing to serve: give prompts, or --model to start with none and add them over HTTP")
@@ -695,7 +696,7 @@ def serve_prompts(
             cache_dir=str(Path(cache).resolve()),
             refresh_s=refresh_s,
         )
-    except srv.ServeError as e:
+    except serve_sources.ServeError as e:
         fail(str(e))
     except ValidationError as e:  # an option out of range, named as on the command line
         fail("; ".join(f"--{'-'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}" for x in e.errors()))
@@ -703,7 +704,7 @@ def serve_prompts(
         typer.echo(f"warning: serving on {host} without a token: anyone who reaches it can use it", err=True)
     try:
         code = srv.serve_forever(options, entries, ray_address, echo=typer.echo)
-    except srv.ServeError as e:
+    except serve_sources.ServeError as e:
         fail(f"the server did not start: {e}", code=1)
     raise typer.Exit(code)
 

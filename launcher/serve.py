@@ -16,7 +16,8 @@ verified on the replica that finds it before the catalog (and so every replica) 
 API (JSON; every error is {"error": {"message", "type", "code"}} with a 4xx for the caller's
 mistakes): GET /health, GET /v1/prompts, POST /v1/prompts, DELETE /v1/prompts/NAME, POST
 /v1/prompts/refresh, POST /v1/predict, POST /v1/generate, POST /v1/completions (OpenAI; `model`
-names the prompt), GET /v1/models, GET /v1/stats.
+names the prompt), GET /v1/models, GET /v1/stats. The request bodies and JSON errors are in
+launcher/serve_api.py, the prompt sources in launcher/serve_sources.py.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route methods' annotations
@@ -34,28 +35,29 @@ import threading
 import time
 from collections import defaultdict, deque
 from functools import partial
-from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from launcher.prompts import FetchError, fetch, resolve
-from ptv2.artifact import ArtifactError, read_manifest
+from launcher.prompts import FetchError
+from launcher.serve_api import (
+    AddPrompt,
+    CompletionBody,
+    GenerateBody,
+    HTTPError,
+    PredictBody,
+    Sampling,
+    app,
+    serving_error,
+)
+from launcher.serve_sources import ServeError, is_alias, materialize, pin
+from ptv2.artifact import ArtifactError
 
 logger = logging.getLogger("ptv2.serve")
-RUN_ID = re.compile(r"[0-9a-f]{32}")
-MAX_CHARS = 100_000  # per text: far past any model's positions; the token check says what is too long
 APP_NAME = "ptv2"
 BATCHES_IN_FLIGHT = 8  # per replica and kind: batches Ray hands over while the model computes
-
-
-class ServeError(ValueError):
-    """A serve command line or prompt source that cannot work (before anything starts)."""
 
 
 class ServeOptions(BaseModel):
@@ -108,282 +110,6 @@ def is_loopback(host: str) -> bool:
     with contextlib.suppress(ValueError):
         return ipaddress.ip_address(host).is_loopback
     return False
-
-
-# ---- prompt sources ---------------------------------------------------------------------------------
-def is_registry(source: str) -> bool:
-    return source.startswith(("models:/", "runs:/")) or bool(RUN_ID.fullmatch(source))
-
-
-def is_alias(source: str) -> bool:
-    return source.startswith("models:/") and "@" in source
-
-
-def pin(uri: str | None, source: str) -> dict:
-    """What `source` means now: {"source", "pinned", "version"}; pinned is runs:/RUN/PATH for
-    registry and run sources (an alias resolved to its current version), else the folder."""
-    if not isinstance(source, str) or not source or len(source) > 1000:
-        raise FetchError(f"prompt source {source!r} is not a folder, run id, runs:/RUN/PATH or models:/ URI")
-    path = Path(source).expanduser()
-    if not is_registry(source) or path.is_dir():
-        if not path.is_dir():
-            raise FetchError(
-                f"prompt source {source!r} is no folder here, nor a run id, runs:/RUN/PATH, "
-                "models:/NAME/VERSION or models:/NAME@ALIAS"
-            )
-        return {"source": source, "pinned": str(path.resolve()), "version": None}
-    run_id, artifact, version = resolve(uri, source)
-    return {"source": source, "pinned": f"runs:/{run_id}/{artifact}", "version": version}
-
-
-def materialize(uri: str | None, pinned: str, cache_dir: str | Path) -> Path:
-    """A local folder holding the pinned prompt: the folder itself, or a verified fetch of the run
-    artifact into `cache_dir` (kept: a run's artifact never changes; the bank re-verifies every
-    checksum when it loads it, and a cached copy that fails is fetched again)."""
-    if not pinned.startswith("runs:/"):
-        return Path(pinned)
-    run_id, _, artifact = pinned.removeprefix("runs:/").partition("/")
-    out = Path(cache_dir) / run_id / re.sub(r"[^A-Za-z0-9._-]", "_", artifact)
-    if out.is_dir():
-        try:
-            read_manifest(out)
-            return out
-        except ArtifactError:
-            pass
-    fetch(uri, pinned, out, force=True)
-    return out
-
-
-def default_name(source: str) -> str:
-    """A prompt's name when none is given: the registered name, the run, or the folder's name."""
-    if source.startswith("models:/"):
-        name = re.split(r"[/@]", source.removeprefix("models:/"))[0]
-    elif source.startswith("runs:/") or RUN_ID.fullmatch(source):
-        name = "run-" + source.removeprefix("runs:/")[:8]
-    else:
-        name = Path(source).expanduser().resolve().name
-    name = re.sub(r"[^A-Za-z0-9._-]", "-", name).lstrip("._-")[:128]
-    if not name:
-        raise ServeError(f"cannot name the prompt {source!r}: give it as --prompt NAME={source}")
-    return name
-
-
-def startup_entries(uri: str | None, named: list[tuple[str, str]], cache_dir: str | Path) -> list[dict]:
-    """Pin and fetch (verifying every checksum) the prompts the server starts with; refuses a
-    bad source or a duplicate name before anything starts. Entries carry the manifest's base."""
-    from ptv2.serving import ServingError, check_name
-
-    entries, seen = [], {}
-    for name, source in named:
-        try:
-            check_name(name)
-        except ServingError as e:
-            raise ServeError(str(e)) from e
-        if name in seen:
-            raise ServeError(f"two prompts are named {name!r} ({seen[name]} and {source}): name them with --prompt")
-        seen[name] = source
-        try:
-            entry = pin(uri, source)
-            manifest = read_manifest(materialize(uri, entry["pinned"], cache_dir))
-        except (FetchError, ArtifactError) as e:
-            raise ServeError(f"prompt {name!r}: {e}") from e
-        entries.append({"name": name, **entry, "base": manifest["base_model"]["name_or_path"]})
-    return entries
-
-
-# ---- request bodies -------------------------------------------------------------------------------------
-Text = Annotated[str, StringConstraints(max_length=MAX_CHARS)]
-Words = Annotated[list[Text], Field(max_length=MAX_CHARS // 8)]
-Stop = Annotated[str, StringConstraints(min_length=1, max_length=200)]
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class AddPrompt(_Body):
-    name: str
-    source: Annotated[str, StringConstraints(min_length=1, max_length=1000)]
-
-
-class PredictBody(_Body):
-    prompt: str
-    input: Text | Words | None = Field(None, description="a text (seq-cls) or words (token-cls)")
-    inputs: list[Text | Words] | None = Field(None, min_length=1, max_length=1024)
-    truncate: bool = Field(True, description="cut inputs to the prompt's trained max_length, as ptv2 predict does")
-
-    @model_validator(mode="after")
-    def _one_of(self) -> "PredictBody":
-        if (self.input is None) == (self.inputs is None):
-            raise ValueError("give exactly one of input and inputs")
-        return self
-
-    def items(self) -> list:
-        return [self.input] if self.inputs is None else list(self.inputs)
-
-
-class _Sampling(_Body):
-    temperature: float = Field(0.0, ge=0, le=10)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    seed: int | None = Field(None, ge=0, lt=1 << 63)
-    stop: Stop | Annotated[list[Stop], Field(max_length=4)] | None = None
-    raw: bool = Field(False, description="send the text as is, without the prompt's stored template")
-
-    def stops(self) -> list[str]:
-        return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
-
-class GenerateBody(_Sampling):
-    prompt: str
-    input: Text | None = None
-    inputs: list[Text] | None = Field(None, min_length=1, max_length=1024)
-    max_new_tokens: int = Field(32, ge=1)
-
-    @model_validator(mode="after")
-    def _one_of(self) -> "GenerateBody":
-        if (self.input is None) == (self.inputs is None):
-            raise ValueError("give exactly one of input and inputs")
-        return self
-
-    def items(self) -> list[str]:
-        return [self.input] if self.inputs is None else list(self.inputs)
-
-
-class CompletionBody(BaseModel):
-    """OpenAI's /v1/completions request; fields ptv2 cannot honour are refused by name when set
-    to anything but their neutral value, unknown ones ignored (clients send extras)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1024)]
-    max_tokens: int | None = Field(16, ge=1)
-    temperature: float | None = Field(1.0, ge=0, le=2)
-    top_p: float | None = Field(1.0, gt=0, le=1)
-    n: int | None = 1
-    best_of: int | None = None
-    stream: bool | None = False
-    logprobs: int | None = None
-    echo: bool | None = False
-    suffix: str | None = None
-    stop: Stop | Annotated[list[Stop], Field(max_length=4)] | None = None
-    seed: int | None = Field(None, ge=0, lt=1 << 63)
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict | None = None
-    user: str | None = None
-    raw: bool = False  # ptv2: skip the prompt's stored template
-
-    def unsupported(self) -> str | None:
-        neutral = {
-            "n": (self.n, (None, 1)),
-            "best_of": (self.best_of, (None, 1)),
-            "stream": (self.stream, (None, False)),
-            "logprobs": (self.logprobs, (None,)),
-            "echo": (self.echo, (None, False)),
-            "suffix": (self.suffix, (None, "")),
-            "presence_penalty": (self.presence_penalty, (None, 0)),
-            "frequency_penalty": (self.frequency_penalty, (None, 0)),
-            "logit_bias": (self.logit_bias, (None, {})),
-        }
-        return next((k for k, (v, ok) in neutral.items() if v not in ok), None)
-
-
-# ---- errors as JSON ------------------------------------------------------------------------------------
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", **extra) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.extra = status, message, kind, extra
-
-
-def error_response(status: int, message: str, kind: str = "invalid_request_error", **extra) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    body = {"error": {"message": message, "type": kind, "code": status, **extra}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-app = FastAPI(title="ptv2 serve", description="Many P-Tuning v2 prompts on one frozen model")
-
-
-@app.exception_handler(HTTPError)
-async def _http_error(request: Request, exc: HTTPError) -> JSONResponse:
-    return error_response(exc.status, exc.message, exc.kind, **exc.extra)
-
-
-@app.exception_handler(RequestValidationError)
-async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
-    if bad_json is not None:
-        return error_response(400, f"malformed JSON: {bad_json.get('ctx', {}).get('error', 'cannot parse the body')}")
-    content_type = request.headers.get("content-type", "")
-    if "json" not in content_type and any(e.get("loc") == ("body",) for e in errors):
-        return error_response(415, f"send the body as JSON (Content-Type: application/json, not {content_type!r})")
-    shown = []
-    for e in errors[:3]:
-        where = ".".join(str(x) for x in e.get("loc", ())[1:]) or "body"
-        shown.append(f"{where}: {e.get('msg')}")
-    return error_response(422, "; ".join(shown), param=".".join(str(x) for x in errors[0].get("loc", ())[1:]))
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _starlette(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return error_response(exc.status_code, str(exc.detail))
-
-
-@app.exception_handler(Exception)
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("request failed")
-    return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
-
-
-class _TooLarge(Exception):
-    pass
-
-
-class BodyLimit:
-    """Refuse request bodies over the server's limit (413) before they are read whole."""
-
-    def __init__(self, asgi) -> None:
-        self.asgi = asgi
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.asgi(scope, receive, send)
-        limit = getattr(app.state, "max_body_bytes", 1 << 20)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        too_large = error_response(413, f"request body over {limit} bytes")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return await too_large(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise _TooLarge
-            return message
-
-        try:
-            await self.asgi(scope, counted, send)
-        except _TooLarge:
-            await too_large(scope, receive, send)
-
-
-app.add_middleware(BodyLimit)
-
-
-def _serving_error(exc: Exception) -> HTTPError:
-    """The HTTP status of a library error: the caller's mistake, named."""
-    from ptv2 import serving as sv
-
-    if isinstance(exc, sv.UnknownPrompt):
-        return HTTPError(404, str(exc), "not_found_error", prompts=exc.loaded)
-    if isinstance(exc, sv.InputTooLong):
-        return HTTPError(413, str(exc))
-    return HTTPError(400, str(exc))
 
 
 # ---- the catalogue ---------------------------------------------------------------------------------------
@@ -580,7 +306,7 @@ class PromptServer:
             if name not in self.entries:
                 raise sv.UnknownPrompt(name, list(self.entries))
         except sv.ServingError as e:
-            raise _serving_error(e) from e
+            raise serving_error(e) from e
         try:
             return await self._load(self.entries[name])
         except (ArtifactError, FetchError, OSError) as e:
@@ -689,13 +415,13 @@ class PromptServer:
         try:
             return fn(self.base, *args, **kwargs)
         except sv.ServingError as e:
-            raise _serving_error(e) from e
+            raise serving_error(e) from e
 
     def _check_count(self, n: int) -> None:
         if n > self.o.max_batch_size:
             raise HTTPError(400, f"{n} inputs in one request; this server takes at most {self.o.max_batch_size}")
 
-    async def _generations(self, prompt, texts: list[str], body: _Sampling, max_new_tokens: int) -> list:
+    async def _generations(self, prompt, texts: list[str], body: Sampling, max_new_tokens: int) -> list:
         from ptv2 import serving as sv
 
         self._check_count(len(texts))
@@ -749,7 +475,7 @@ class PromptServer:
         try:
             sv.check_name(body.name)
         except sv.ServingError as e:
-            raise _serving_error(e) from e
+            raise serving_error(e) from e
         try:
             entry = {"name": body.name, **await asyncio.to_thread(pin, self.o.tracking_uri, body.source)}
         except FetchError as e:
@@ -820,7 +546,7 @@ class PromptServer:
             raise HTTPError(400, f"{field} is not supported by ptv2 serve", param=field)
         prompt = await self._prompt(body.model)
         texts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-        sampling = _Sampling(
+        sampling = Sampling(
             temperature=body.temperature if body.temperature is not None else 1.0,
             top_p=body.top_p if body.top_p is not None else 1.0,
             seed=body.seed,
