@@ -10,7 +10,7 @@ time), and the generation scores from the prompts fetched out of MLflow.
     python benchmarks/quality.py --only polarity   # a part (results accumulate in quality.json)
     python benchmarks/quality.py --only uncertainty --methods linear-probe   # one method's sweep again
     python benchmarks/quality.py --report          # the Markdown tables of quality.json
-    python benchmarks/quality.py --quick    # < 3 minutes: asserts P-Tuning v2 beats the linear probe on polarity
+    python benchmarks/quality.py --quick    # ~4.5 min on 2 cores: P-Tuning v2 must beat the linear probe
 
 Methods: ptv2 (deep prefix + head), ptv2-mlp (THUDM's MLP reparameterization), prompt-tuning
 (Lester: input embeddings + head), full fine-tuning (every weight), linear probe (head only).
@@ -330,7 +330,7 @@ def quick(data: Path, workdir: Path) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="< 3 min: ptv2 vs linear probe on polarity, asserted")
+    ap.add_argument("--quick", action="store_true", help="~4.5 min: ptv2 vs linear probe on polarity, asserted")
     ap.add_argument("--data", type=Path, default=ROOT / "data", help="prepared by python -m ptv2.assets")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "quality.json")
     ap.add_argument(
