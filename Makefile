@@ -12,6 +12,8 @@ export HF_HUB_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export RAY_USAGE_STATS_ENABLED := 0
+# the environment's tools first (its ninja builds DeepSpeed's ops: see ptv2.distributed.build_cpu_comm_op)
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: setup test demo lint data clean
 

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import typer
 import yaml
+from pydantic import ValidationError
 
-from launcher.spec import SpecError, json_schema, load_spec
+from launcher.spec import SpecError, Tracking, json_schema, load_spec
 from ptv2 import storage, tracking
+from ptv2.errors import first_line
 
 STARTED = time.time()  # when this command began: `ptv2 run`'s "submission"
 app = typer.Typer(
@@ -140,7 +142,7 @@ def _client(address: str):
     try:
         return JobSubmissionClient(address, headers=_auth_headers())
     except Exception as e:  # connection refused, 401 without a token, bad URL
-        fail(f"cannot reach the Ray Jobs API at {address}: {str(e).splitlines()[0][:300]}", code=1)
+        fail(f"cannot reach the Ray Jobs API at {address}: {first_line(e)}", code=1)
 
 
 def package(spec_path: Path, out: Path, overrides: dict | None = None) -> str:
@@ -274,17 +276,20 @@ def submit(
     if tracking_uri:
         overrides["tracking"] = {"tracking_uri": tracking_uri}
     if storage_uri:
+        try:
+            storage.check_uri(storage_uri)
+        except storage.StorageError as e:
+            fail(f"--storage: {e}")
         overrides["storage"] = storage_uri if storage.is_uri(storage_uri) else os.path.abspath(storage_uri)
     try:
         s = load_spec(spec, model_on_cluster=True)
-        s = s.model_copy(
-            update={
-                "storage": overrides.get("storage", s.storage),
-                "tracking": s.tracking.model_copy(update=overrides.get("tracking", {})),
-            }
-        )
+        # validated like the spec's own fields (a tracking URI with credentials is refused)
+        tracking_settings = Tracking.model_validate({**s.tracking.model_dump(), **overrides.get("tracking", {})})
+        s = s.model_copy(update={"storage": overrides.get("storage", s.storage), "tracking": tracking_settings})
     except SpecError as e:
         fail(str(e))
+    except ValidationError as e:
+        fail(f"--tracking-uri: {e.errors()[0]['msg'].removeprefix('Value error, ')}")
     cluster_ready(s)
     client = _client(address)
     if preflight:
@@ -313,7 +318,7 @@ def submit(
                 break
             except RuntimeError as e:
                 if "No available agent" not in str(e) or attempt == 11:
-                    fail(f"the Ray Jobs API at {address} refused the job: {str(e).splitlines()[0][:300]}", code=1)
+                    fail(f"the Ray Jobs API at {address} refused the job: {first_line(e)}", code=1)
                 time.sleep(5)
     typer.echo(submission_id)
     if wait:
@@ -352,7 +357,7 @@ def _progress(meta: dict) -> dict | None:
     try:
         return tracking.job_progress(meta["tracking_uri"], meta.get("experiment", "ptv2"), meta["job_id"])
     except Exception as e:  # the tracking server is down or unreachable from here: say so, don't fail
-        typer.echo(f"  (no progress: MLflow at {meta['tracking_uri']} answered {str(e).splitlines()[0][:120]})")
+        typer.echo(f"  (no progress: MLflow at {meta['tracking_uri']} answered {first_line(e, 120)})")
         return None
 
 
@@ -361,7 +366,7 @@ def _job_info(job_id: str, address: str):
     try:
         return client.get_job_info(job_id)
     except Exception as e:
-        fail(f"no job {job_id!r} at {address}: {str(e).splitlines()[0][:200]}", code=1)
+        fail(f"no job {job_id!r} at {address}: {first_line(e, 200)}", code=1)
 
 
 @app.command()
@@ -547,7 +552,7 @@ def _load(prompt: Path, model: str | None):
         base, _ = load_base_model(path, manifest["task"], manifest.get("labels"))
         return load_prompt(prompt, base).eval(), AutoTokenizer.from_pretrained(path)
     except (ArtifactError, OSError, ValueError) as e:
-        fail(str(e).splitlines()[0], code=1)
+        fail(first_line(e, 2000), code=1)
 
 
 PromptOpt = typer.Option(..., "--prompt", help="a prompt folder (from training or ptv2 fetch)")
@@ -654,8 +659,6 @@ def serve_prompts(
 ) -> None:
     """Serve many prompts on one frozen base model over HTTP (Ray Serve): requests for different
     prompts share batches. API: /v1/predict, /v1/generate, /v1/completions (OpenAI), /v1/prompts."""
-    from pydantic import ValidationError
-
     from launcher import serve as srv
     from launcher import serve_sources
 

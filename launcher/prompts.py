@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 
 from ptv2 import tracking
 from ptv2.artifact import ArtifactError, read_manifest
+from ptv2.errors import first_line
 
 
 class FetchError(ValueError):
@@ -46,7 +47,7 @@ def resolve(uri: str | None, source: str) -> tuple[str, str, str | None]:
         try:
             mv = c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version)
         except Exception as e:
-            raise FetchError(f"{source}: {str(e).splitlines()[0][:200]}") from e
+            raise FetchError(f"{source}: {first_line(e, 200)}") from e
         m2 = re.fullmatch(r"runs:/([0-9a-f]+)/(.+)", mv.source or "")
         if not m2:
             raise FetchError(f"{source}: its source {mv.source!r} is not a run artifact")
@@ -86,7 +87,7 @@ def fetch(uri: str | None, source: str, out: Path, force: bool = False) -> dict:
     try:
         names = list_files(c, run_id, path)
     except Exception as e:
-        raise FetchError(f"run {run_id}: {str(e).splitlines()[0][:200]}") from e
+        raise FetchError(f"run {run_id}: {first_line(e, 200)}") from e
     if not names:
         raise FetchError(f"run {run_id} has no artifacts under {path!r}")
     check_names(names, path)

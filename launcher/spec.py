@@ -14,6 +14,7 @@ import json
 import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -58,6 +59,11 @@ class Tracking(BaseModel):
     def _scheme(cls, v: str | None) -> str | None:
         if v is not None and not re.match(r"^(sqlite:///|file:|https?://|databricks)", v):
             raise ValueError(f"tracking_uri {v!r} must start with sqlite:///, file:, http:// or https://")
+        if v is not None and "@" in urlsplit(v).netloc:
+            raise ValueError(
+                "the tracking URI carries credentials, which would be printed and logged with the job: "
+                "give them as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+            )
         return v
 
 
@@ -154,7 +160,9 @@ def _one_line(path: Path, e: ValidationError) -> str:
     first = errs[0]
     value = first.get("input")
     shown = (
-        "" if isinstance(value, dict) or first["type"] == "missing" else f" (got {json.dumps(value, default=str)[:80]})"
+        ""
+        if isinstance(value, dict) or first["type"] == "missing"
+        else f" (got {storage.redact(json.dumps(value, default=str))[:80]})"
     )
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":

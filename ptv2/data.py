@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ptv2 import storage
+from ptv2.errors import first_line
 
 IGNORE_INDEX = -100
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -137,8 +138,10 @@ def read_table(path: str | Path, fmt: str = "auto", in_memory: bool = True):
     local = _local(path)
     if not local.is_file():
         raise DataError(f"{path}: no such data file")
+    if local.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
     if fmt == "auto":
-        fmt = FORMATS.get(Path(str(path)).suffix.lower(), "")
+        fmt = FORMATS.get(Path(storage.basename(str(path))).suffix.lower(), "")
         if not fmt:
             raise DataError(f"{path}: cannot tell the format from the suffix; set data.format")
     reader = {"jsonl": Dataset.from_json, "csv": Dataset.from_csv, "parquet": Dataset.from_parquet}[fmt]
@@ -146,7 +149,7 @@ def read_table(path: str | Path, fmt: str = "auto", in_memory: bool = True):
     try:
         return reader(str(local), **kwargs)
     except Exception as e:  # datasets/pyarrow raise many kinds
-        raise DataError(f"{path}: cannot be read as {fmt}: {str(e).splitlines()[0][:200]}") from e
+        raise DataError(f"{path}: cannot be read as {fmt}: {first_line(e, 200)}") from e
 
 
 def _columns(settings, task: str) -> list[str]:
@@ -281,7 +284,7 @@ def load_examples(path: str | Path, settings, task: str, labels: Sequence[str] |
         remove_columns=table.column_names,
         keep_in_memory=not cache,
         load_from_cache_file=cache,
-        desc=f"tokenizing {Path(str(path)).name}",
+        desc=f"tokenizing {storage.basename(str(path))}",
     )
     bad = [(i, e) for i, e in enumerate(encoded["_error"]) if e]
     if bad:

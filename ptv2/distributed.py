@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,8 +79,16 @@ def build_cpu_comm_op() -> None:
         logging.getLogger("ptv2").info("building DeepSpeed's %s op (once per node, about a minute)", builder.NAME)
     clear_stale_build_locks()
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):  # its "built successfully" print
-        builder.load(verbose=False)
+    # torch runs `ninja` from PATH: the environment's own (DeepSpeed requires the package) and a
+    # system one write build logs in different formats, so each would find the other's build out
+    # of date and compile again (about a minute). Always the environment's.
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + path
+    try:
+        with contextlib.redirect_stdout(out):  # its "built successfully" print
+            builder.load(verbose=False)
+    finally:
+        os.environ["PATH"] = path
 
 
 def _init_deepspeed(**kwargs) -> None:

@@ -42,7 +42,10 @@ def _load_partition(param: torch.nn.Parameter, rows) -> None:
     rows of the safetensors slice `rows` that the range covers."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    shape = rows.get_shape()
+    shape = list(rows.get_shape())
+    expected = list(getattr(param, "ds_shape", None) or param.shape)
+    if shape != expected:  # a flat copy would fit any tensor with enough values: refuse, as transformers does
+        raise ValueError(f"the checkpoint's tensor has shape {shape}, the model's parameter {expected}")
     if getattr(param, "ds_status", None) != ZeroParamStatus.NOT_AVAILABLE:  # whole on every rank
         param.data.copy_(rows[:].reshape(param.data.shape).to(param.dtype))
         return
@@ -94,7 +97,10 @@ def load_zero3(
                 if where != f:
                     continue
                 if name in params:
-                    _load_partition(params[name], sf.get_slice(key))
+                    try:
+                        _load_partition(params[name], sf.get_slice(key))
+                    except ValueError as e:
+                        raise ValueError(f"{f}: {key}: {e}") from e
                 else:  # a buffer the checkpoint carries: small, whole on every rank
                     buffers[name].copy_(sf.get_tensor(key).to(buffers[name].dtype))
     for module_name in sorted({n.rsplit(".", 1)[0] for n in missing}):  # a new head starts as transformers starts it

@@ -23,6 +23,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _checked_location(location: str) -> str:
+    """A path or storage URI, refused (as a field error) when the URI carries credentials."""
+    try:
+        return storage.check_uri(location)
+    except storage.StorageError as e:
+        raise ValueError(str(e)) from e
+
+
 class ModelSettings(_Strict):
     name_or_path: str = Field(min_length=1, description="a local HF model folder (or a hub id where one is reachable)")
     task: Task
@@ -70,6 +78,11 @@ class DataSettings(_Strict):
         "{prompt}\n", description="generation: how the prompt text is laid out; {prompt} is replaced (no code runs)"
     )
     max_length: int = Field(128, ge=8, le=131072, description="tokens per example, prompt excluded")
+
+    @field_validator("train_file", "validation_file", "test_file")
+    @classmethod
+    def _no_credentials(cls, location: str | None) -> str | None:
+        return None if location is None else _checked_location(location)
 
     @field_validator("prompt_template")
     @classmethod
@@ -139,6 +152,11 @@ class TrainJob(_Strict):
         description="where this job's checkpoints and prompt artifacts go: a path (local or a shared "
         "filesystem) or an object-store URI such as s3://bucket/prefix/job",
     )
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_without_credentials(cls, location: str | None) -> str | None:
+        return None if location is None else _checked_location(location)
 
     def resolve_paths(self, base: Path) -> TrainJob:
         """A copy with relative file paths made absolute against `base` (the spec's folder)."""

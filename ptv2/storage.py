@@ -14,10 +14,14 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
+
+from ptv2.errors import first_line
 
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -31,17 +35,59 @@ def is_uri(location: str) -> bool:
     return bool(_SCHEME.match(str(location))) and not str(location).startswith("file://")
 
 
+# pyarrow reads S3 credentials from a URI's user info or these query options; a location is
+# printed, logged as an MLflow parameter and tagged, so it must never carry them
+SECRET_OPTIONS = frozenset({"access_key", "secret_key", "session_token"})
+
+
+def check_uri(location: str) -> str:
+    """`location` unchanged, or StorageError when it is an object-store URI carrying credentials."""
+    if not is_uri(location):
+        return location
+    parts = urlsplit(location)
+    options = {k.lower() for k, _ in parse_qsl(parts.query, keep_blank_values=True)}
+    if "@" in parts.netloc or options & SECRET_OPTIONS:
+        shown = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+        raise StorageError(
+            f"{shown}: the URI carries credentials, which would be printed, logged and tagged with the job; "
+            "give them to every node the standard way instead (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+            "an instance role, or the provider's credentials file)"
+        )
+    return location
+
+
+_USERINFO = re.compile(r"(//)[^/@\s]*@")
+_SECRET_VALUE = re.compile(r"(?i)([?&](?:" + "|".join(sorted(SECRET_OPTIONS)) + r")=)[^&\s]*")
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of any URI in it masked (user info, secret ?options)."""
+    return _SECRET_VALUE.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
+
+
 def normalize(location: str | Path) -> str:
-    """A URI as given, or an absolute local path (`file://` and `~` resolved)."""
+    """A URI as given (without a trailing slash, its ?options kept), or an absolute local path
+    (`file://` and `~` resolved). URIs with credentials are refused (`check_uri`)."""
     location = str(location)
     if is_uri(location):
-        return location.rstrip("/")
+        parts = urlsplit(check_uri(location))
+        return urlunsplit(parts._replace(path=parts.path.rstrip("/"), fragment=""))
     return os.path.abspath(os.path.expanduser(location.removeprefix("file://")))
 
 
 def join(location: str, *parts: str) -> str:
+    """`location` with path components appended (a URI's ?options stay at its end)."""
     base = normalize(location)
-    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    if not is_uri(base):
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    split = urlsplit(base)
+    return urlunsplit(split._replace(path="/".join([split.path.rstrip("/"), *(p.strip("/") for p in parts)])))
+
+
+def basename(location: str) -> str:
+    """The last path component of a path or URI (a URI's ?options excluded)."""
+    path = urlsplit(location).path if is_uri(location) else str(location)
+    return path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def resolve(location: str) -> tuple[pafs.FileSystem, str]:
@@ -50,7 +96,7 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
     try:
         return pafs.FileSystem.from_uri(location)
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError with the reason
-        raise StorageError(f"{location}: cannot open this storage: {str(e).splitlines()[0][:200]}") from e
+        raise StorageError(f"{location}: cannot open this storage: {first_line(e, 200)}") from e
 
 
 def _info(location: str) -> pafs.FileInfo:
@@ -58,7 +104,7 @@ def _info(location: str) -> pafs.FileInfo:
     try:
         return fs.get_file_info(path)
     except Exception as e:
-        raise StorageError(f"{location}: {str(e).splitlines()[0][:200]}") from e
+        raise StorageError(f"{location}: {first_line(e, 200)}") from e
 
 
 def exists(location: str) -> bool:
@@ -125,14 +171,31 @@ def delete(location: str) -> None:
 def scratch(prefix: str = "ptv2-") -> Path:
     """A new private local folder for work in progress, under $PTV2_SCRATCH (default: the
     system's temporary folder). Nothing that must outlive the process may stay only here.
-    Folders left by processes of this machine that died without cleaning up are removed."""
+
+    The folder is named `<prefix><owner>-<pid>-…`, the owner being this host's boot and PID
+    namespace (`process_owner`). Folders left by dead processes of the same owner are removed;
+    any other folder is left alone: $PTV2_SCRATCH may be a folder several machines or containers
+    share, where a pid means another process (or nothing) on the host that wrote it."""
     root = Path(os.environ.get("PTV2_SCRATCH") or tempfile.gettempdir())
     root.mkdir(parents=True, exist_ok=True)
-    for old in root.glob(f"{prefix}[0-9]*-*"):
-        pid = old.name.removeprefix(prefix).split("-", 1)[0]
+    owner = process_owner()
+    for old in root.glob(f"{prefix}{owner}-[0-9]*-*"):
+        pid = old.name.removeprefix(f"{prefix}{owner}-").split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root))
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{owner}-{os.getpid()}-", dir=root))
+
+
+def process_owner() -> str:
+    """Who can tell whether a pid is alive: this boot of this host, in this PID namespace
+    (containers on one host share the boot id, not the namespace), as 12 hex digits."""
+    parts = [socket.gethostname()]
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(os.readlink(path) if path.endswith("/pid") else Path(path).read_text().strip())
+        except OSError:
+            parts.append("")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 
 def _alive(pid: int) -> bool:
@@ -158,7 +221,7 @@ def cached_copy(location: str, cache_root: Path) -> Path:
     if info.type != pafs.FileType.File:
         raise StorageError(f"{location} is not a file")
     key = hashlib.sha256(f"{location}|{info.size}|{info.mtime_ns}".encode()).hexdigest()[:24]
-    target = cache_root / key / location.rsplit("/", 1)[-1]
+    target = cache_root / key / basename(location)
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=target.parent))

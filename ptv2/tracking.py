@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ptv2.callbacks import Callback
+from ptv2.errors import first_line
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
@@ -162,7 +163,7 @@ def end_run(
         c.log_metric(run_id, f"final/{k}", float(v))
     c.set_tag(run_id, "ptv2.status", status.lower())
     if error:
-        c.set_tag(run_id, "ptv2.error", error.splitlines()[0][:5000] if error.strip() else error)
+        c.set_tag(run_id, "ptv2.error", first_line(error, 5000))
     c.set_terminated(run_id, status=status)
 
 

@@ -36,6 +36,7 @@ from ptv2.callbacks import Callback, ConsoleLogger
 from ptv2.checkpoint import Checkpoints
 from ptv2.data import IGNORE_INDEX, BatchStream, DataError, collator, first_tokens, load_examples
 from ptv2.distributed import Dist, all_sum, barrier, gathered, setup
+from ptv2.errors import first_line
 from ptv2.evaluate import PRIMARY_METRIC, evaluate
 from ptv2.fingerprint import fingerprint
 from ptv2.model import PromptedModel, head_parameter_names, load_base_model, vocab_init_ids
@@ -171,7 +172,7 @@ def node_first(d: Dist) -> Iterator[None]:
 
 def agree(error: BaseException | None) -> None:
     """Collective: if any rank met a problem with the job, every rank raises it (rank order)."""
-    mine = None if error is None else f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
+    mine = None if error is None else first_line(error, 2000)
     everyone = [mine]
     if dist.is_initialized() and dist.get_world_size() > 1:
         everyone = [None] * dist.get_world_size()
@@ -225,7 +226,7 @@ def read_inputs(job: TrainJob, d: Dist) -> Inputs:
         except DETERMINISTIC as e:
             error = e
         except OSError as e:  # a model folder without the files transformers needs
-            error = JobError(f"model.name_or_path: {m.name_or_path}: {str(e).splitlines()[0]}")
+            error = JobError(f"model.name_or_path: {m.name_or_path}: {first_line(e)}")
     agree(error)
     return result
 

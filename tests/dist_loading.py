@@ -24,6 +24,7 @@ from ptv2.model import load_base_model
 CASES = {  # folder name -> (task, labels)
     "llama-sharded": ("causal-lm", None),
     "bert-base-model": ("seq-cls", ["a", "b"]),
+    "llama-wrong-shape": ("causal-lm", None),  # a weight with the right number of values, not the right shape
 }
 
 
@@ -42,7 +43,11 @@ def main() -> None:
     out = {}
     for name, (task, labels) in CASES.items():
         calls.clear()
-        model, missing = load_base_model(folder / name, task, labels)
+        try:
+            model, missing = load_base_model(folder / name, task, labels)
+        except ValueError as e:
+            out[name] = {"error": str(e)}
+            continue
         saved = {}
         for f in loading.safetensors_files(folder / name):
             saved.update(load_file(f))

@@ -56,3 +56,71 @@ class FailOnce:
             Path(self.marker).write_text("1")
             print(f"[ptv2] test failure injected: rank {rank} exits at step {step}", flush=True)
             os._exit(1)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (127.0.0.1)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, step: float = 0.5, context=lambda: ""):
+    """`predicate()`'s first truthy value, polled every `step` seconds; AssertionError naming
+    `what` (and `context()`) after `timeout` seconds."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out waiting for {what}\n{context()}")
+
+
+class running_mlflow_server:  # noqa: N801 (a context manager, used like a function)
+    """A real `mlflow server` on 127.0.0.1 (one worker, no job runner) over a SQLite store in
+    `folder`, its artifacts in `artifacts` (a folder or s3:// URI); yields its URL. Only this
+    process is stopped at the end."""
+
+    def __init__(self, folder, artifacts) -> None:
+        self.folder, self.artifacts = folder, str(artifacts)
+
+    def __enter__(self) -> str:
+        import os
+        import subprocess
+        import sys
+        import urllib.request
+
+        port = free_port()
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--workers", "1"]
+            + ["--backend-store-uri", f"sqlite:///{self.folder}/db.sqlite", "--artifacts-destination", self.artifacts]
+            + ["--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                return True
+            except OSError:
+                return False
+
+        try:
+            wait_for(up, 60, "the mlflow server to answer /health")
+        except AssertionError:
+            self.proc.kill()
+            raise
+        return url
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)

@@ -13,61 +13,21 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.conftest import S3_BUCKET
+from tests.helpers import free_port, running_mlflow_server, wait_for
 from tests.tiny import save_tiny, write_task_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-BUCKET = "ptv2-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """moto's S3 server on 127.0.0.1; the AWS variables point every process here at it."""
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 request otherwise
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket=BUCKET)
-    try:
-        yield boto3.client("s3")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
+BUCKET = S3_BUCKET
 
 
 def _keys(s3, prefix: str) -> list[str]:
@@ -77,43 +37,8 @@ def _keys(s3, prefix: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def mlflow_server(s3, tmp_path_factory):
-    d = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{d}/db.sqlite",
-            "--artifacts-destination",
-            f"s3://{BUCKET}/mlflow",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow"), f"s3://{BUCKET}/mlflow") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +54,7 @@ def cluster(s3, tmp_path_factory):
     os.environ.update(
         RAY_TMPDIR=str(short), PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", PATH=f"{BIN}:{os.environ.get('PATH', '')}"
     )
-    port = _free_port()
+    port = free_port()
     c = Cluster(
         initialize_head=True,
         head_node_args={
@@ -139,7 +64,7 @@ def cluster(s3, tmp_path_factory):
             "dashboard_port": port,
             # the Jobs API goes through the head's agent: on its default port (52365) it fails to
             # bind when another Ray on this host (a user's, another test run's) already has it
-            "dashboard_agent_listen_port": _free_port(),
+            "dashboard_agent_listen_port": free_port(),
         },
     )
     scratch = tmp_path_factory.mktemp("scratch")
@@ -219,14 +144,7 @@ def _spec(tmp: Path, tracking_uri: str) -> Path:
     return path
 
 
-def _wait(predicate, timeout: float, what: str, step: float = 0.5, context=lambda: ""):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"timed out waiting for {what}\n{context()}")
+_wait = wait_for
 
 
 def test_submit_refuses_a_cluster_python_without_ptv2(tmp_path, mlflow_server, cluster):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from tests.tiny import save_tiny, write_task_data
 
@@ -237,6 +239,11 @@ def test_zero3_loading_reads_each_ranks_partition_from_the_checkpoint(tmp_path):
     )
     torch.manual_seed(0)
     AutoModel.from_config(tiny_config("bert")).save_pretrained(tmp_path / "bert-base-model")  # keys without "bert."
+    shutil.copytree(tmp_path / "llama", tmp_path / "llama-wrong-shape")
+    weights = load_file(tmp_path / "llama" / "model.safetensors")
+    key = "model.layers.0.mlp.down_proj.weight"  # [32, 64]: stored as [64, 32], as many values
+    weights[key] = weights[key].T.contiguous()
+    save_file(weights, tmp_path / "llama-wrong-shape" / "model.safetensors", metadata={"format": "pt"})
     report = tmp_path / "report.json"
     proc = subprocess.run(
         [
@@ -263,3 +270,7 @@ def test_zero3_loading_reads_each_ranks_partition_from_the_checkpoint(tmp_path):
         assert r[case]["streamed"] and r[case]["partitioned"] and r[case]["equal"] and r[case]["compared"] > 10, r
     assert r["llama-sharded"]["missing"] == []
     assert r["bert-base-model"]["missing"] == ["classifier.bias", "classifier.weight"]
+    assert (
+        f"{key}: the checkpoint's tensor has shape [64, 32], the model's parameter [32, 64]"
+        in (r["llama-wrong-shape"]["error"])
+    )

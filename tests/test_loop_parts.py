@@ -445,6 +445,25 @@ def test_a_stale_op_build_lock_is_cleared_and_a_fresh_one_kept(tmp_path, monkeyp
     assert not stale.exists() and fresh.exists()
 
 
+@pytest.mark.slow
+def test_the_set_ups_op_build_is_reused_whichever_ninja_comes_first_on_path():
+    """DeepSpeed's CPU op is built once (by `make setup`): a process whose PATH puts a system ninja
+    first (or has no venv on it) must reuse that build, not compile it again."""
+    import os
+    import subprocess
+    import sys
+
+    from ptv2.distributed import _extension_root, build_cpu_comm_op
+
+    build_cpu_comm_op()  # built here with the environment's ninja (a no-op after `make setup`)
+    folder = next(p.parent for p in _extension_root().glob("**/deepspeed_shm_comm/*.so"))
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file()}
+    env = {**os.environ, "PATH": "/usr/local/bin:/usr/bin:/bin"}
+    code = "from ptv2.distributed import build_cpu_comm_op; build_cpu_comm_op()"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, timeout=300)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file()} == before
+
+
 def test_gradient_accumulation_weighs_every_labelled_token_of_the_step_alike():
     """Two micro-batches with 1 and 5 labelled next-token targets: the step's gradient equals the
     gradient of the mean over all 6 targets, not the mean of the two micro-batch means."""

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import pytest
 
 from ptv2.infer import generate as generate_alone
 from ptv2.infer import predict as predict_alone
+from tests.helpers import free_port
 from tests.serving_helpers import alone, make_prompt, save_base
 from tests.tiny import tiny_tokenizer
 
@@ -35,12 +35,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "test-token-0123456789abcdef"
 TEXTS = ["w1 w2 w3", "w5", "w7 w8 w9 w10 w11 w12", "w4 w4 w9", "w3 w60", "w11 w12 w13 w14"]
 TEMPLATE = "w30 {prompt} w31"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(url: str, path: str, body=None, token: str | None = TOKEN, raw: bytes | None = None, headers=None):
@@ -111,7 +105,7 @@ def server():
     assert registry.register(prompts["chat"], "chat", "prod") == "1"
     soft_run = registry.log(prompts["soft"])
     (d / "token").write_text(TOKEN + "\n")
-    port = _free_port()
+    port = free_port()
     short = Path("/tmp") / f"ptv2s{os.getpid()}"  # Ray's socket paths must stay short
     short.mkdir(exist_ok=True)
     env = {
