@@ -140,18 +140,18 @@ def run(spec: dict, workdir: Path) -> str:
 
 
 def results(run_id: str) -> dict:
-    from ptv2 import tracking
+    from ptv2.tracking import Tracker
 
-    r = tracking.client(None).get_run(run_id)
-    m, tags = r.data.metrics, r.data.tags
+    r = Tracker(None).run(run_id)
+    n, share = r.trainable
     return {
         "run_id": run_id,
-        "metrics": {k: v for k, v in m.items() if k.startswith(("test/", "eval/"))},
-        "trainable_params": int(tags.get("ptv2.trainable_params", 0)),
-        "trainable_share_pct": float(tags.get("ptv2.trainable_share_pct", 0)),
-        "wall_s": (r.info.end_time - r.info.start_time) / 1000,
+        "metrics": {k: v for k, v in r.metrics.items() if k.startswith(("test/", "eval/"))},
+        "trainable_params": n,
+        "trainable_share_pct": float(share) if share != "?" else 0.0,
+        "wall_s": (r.end_ms - r.start_ms) / 1000,
         "params": {
-            k: r.data.params.get(k)
+            k: r.params.get(k)
             for k in ("prompt.method", "prompt.length", "prompt.projection", "prompt.init")
             + ("train.lr", "train.head_lr", "train.max_steps")
         },
@@ -166,19 +166,17 @@ def sweep(spec: dict, workdir: Path) -> str:
 def sweep_trials(sweep_id: str, metric: str, experiment: str = "quality") -> list[dict]:
     """Every trial of the sweep as MLflow recorded it: status, the swept lr, the dev metric at
     each evaluation, the test metrics (trials that ran to the end), parameters, wall time."""
-    from ptv2 import tracking
+    from ptv2.tracking import Tracker
 
-    c = tracking.client(None)
-    exp = c.get_experiment_by_name(experiment)
-    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`ptv2.sweep_id` = '{sweep_id}'")
+    tracker = Tracker(None)
     out = []
-    for r in runs:
-        if r.data.tags.get("ptv2.kind") == "sweep":
+    for r in tracker.runs(experiment, sweep_id=sweep_id):
+        if r.is_sweep:
             continue
-        res = results(r.info.run_id)
-        history = sorted(c.get_metric_history(r.info.run_id, f"eval/{metric}"), key=lambda m: m.step)
+        res = results(r.run_id)
+        history = tracker.history(r.run_id, f"eval/{metric}")
         res.update(
-            status="stopped early" if r.data.tags.get("ptv2.early_stopped") == "true" else r.info.status.lower(),
+            status="stopped early" if r.early_stopped else r.status.lower(),
             dev=[round(m.value, 4) for m in history],
             dev_final=history[-1].value if history else None,
         )

@@ -139,7 +139,7 @@ def measure(args) -> dict:
     from launcher.prompts import fetch
     from launcher.runner import run_spec
     from launcher.spec import load_spec
-    from ptv2 import tracking
+    from ptv2.tracking import Tracker
 
     cache = Path(args.model_dir or Path.home() / ".cache" / "ptv2" / f"scale-{args.geometry}")
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -151,9 +151,9 @@ def measure(args) -> dict:
         t0 = time.time()
         summary = run_spec(load_spec(spec_path), spec_path.read_text())
         wall = time.time() - t0
-        c = tracking.client(summary.tracking_uri)
-        m = c.get_run(summary.run_id).data.metrics
-        losses = [h.value for h in sorted(c.get_metric_history(summary.run_id, "train/loss"), key=lambda h: h.step)]
+        tracker = Tracker(summary.tracking_uri)
+        m = tracker.run(summary.run_id).metrics
+        losses = [h.value for h in tracker.history(summary.run_id, "train/loss")]
         world = 2
         before = [m[f"memory/rank{r}/rss_before_load_gib"] for r in range(world)]
         peak = [m[f"memory/rank{r}/peak_rss_gib"] for r in range(world)]

@@ -18,54 +18,34 @@ from pathlib import Path, PurePosixPath
 
 from ptv2 import tracking
 from ptv2.artifact import ArtifactError, read_manifest
-from ptv2.errors import first_line
+from ptv2.tracking import Tracker, TrackingError
 
 
 class FetchError(ValueError):
     pass
 
 
-def _client(uri: str | None):
-    return tracking.client(uri)
-
-
-def resolve_source(uri: str | None, source: str) -> tuple[str, str]:
-    """(run_id, artifact path) behind a run id, runs:/ or models:/ URI."""
-    run_id, path, _ = resolve(uri, source)
-    return run_id, path
-
-
 def resolve(uri: str | None, source: str) -> tuple[str, str, str | None]:
     """(run_id, artifact path, registry version) behind a run id, runs:/ or models:/ URI; the
     version is None for run sources. An alias resolves to the version it points at now."""
-    c = _client(uri)
     if source.startswith("models:/"):
         m = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))", source)
         if not m:
             raise FetchError(f"{source!r} is not models:/NAME/VERSION or models:/NAME@ALIAS")
         name, version, alias = m.groups()
         try:
-            mv = c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version)
-        except Exception as e:
-            raise FetchError(f"{source}: {first_line(e, 200)}") from e
-        m2 = re.fullmatch(r"runs:/([0-9a-f]+)/(.+)", mv.source or "")
-        if not m2:
-            raise FetchError(f"{source}: its source {mv.source!r} is not a run artifact")
-        return m2.group(1), m2.group(2), str(mv.version)
+            mv = Tracker(uri).model_version(name, version, alias)
+        except TrackingError as e:
+            raise FetchError(f"{source}: {e}") from e
+        return mv.run_id, mv.artifact, mv.version
     if source.startswith("runs:/"):
         run_id, _, path = source.removeprefix("runs:/").partition("/")
+        if not re.fullmatch(r"[0-9a-f]{32}", run_id):
+            raise FetchError(f"{source!r}: {run_id!r} is not a run id")
         return run_id, path or "prompt", None
     if re.fullmatch(r"[0-9a-f]{32}", source):
         return source, "prompt", None
     raise FetchError(f"{source!r} is not a run id, runs:/RUN/PATH, models:/NAME/VERSION or models:/NAME@ALIAS")
-
-
-def list_files(c, run_id: str, path: str) -> list[str]:
-    out, stack = [], [path]
-    while stack:
-        for info in c.list_artifacts(run_id, stack.pop()):
-            (stack if info.is_dir else out).append(info.path)
-    return out
 
 
 def check_names(names: list[str], root: str) -> None:
@@ -82,12 +62,12 @@ def fetch(uri: str | None, source: str, out: Path, force: bool = False) -> dict:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise FetchError(f"{out} exists and is not empty; use --force to replace it")
-    run_id, path = resolve_source(uri, source)
-    c = _client(uri)
+    run_id, path, _ = resolve(uri, source)
+    tracker = Tracker(uri)
     try:
-        names = list_files(c, run_id, path)
-    except Exception as e:
-        raise FetchError(f"run {run_id}: {first_line(e, 200)}") from e
+        names = tracker.artifact_files(run_id, path)
+    except TrackingError as e:
+        raise FetchError(str(e)) from e
     if not names:
         raise FetchError(f"run {run_id} has no artifacts under {path!r}")
     check_names(names, path)
@@ -96,8 +76,7 @@ def fetch(uri: str | None, source: str, out: Path, force: bool = False) -> dict:
     try:
         for name in names:
             rel = PurePosixPath(name).relative_to(path)
-            dest = tmp / "dl"
-            local = Path(c.download_artifacts(run_id, name, str(dest)))
+            local = tracker.download_artifact(run_id, name, tmp / "dl")
             target = tmp / "prompt" / Path(*rel.parts)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(local), target)
@@ -117,38 +96,28 @@ def fetch(uri: str | None, source: str, out: Path, force: bool = False) -> dict:
 
 def register(uri: str | None, run_id: str, name: str, path: str = "prompt") -> str:
     """A new version of registered prompt `name` pointing at the run's prompt artifact."""
-    c = _client(uri)
-    c.get_run(run_id)  # a clear error for an unknown run
-    if not list_files(c, run_id, path):
-        raise FetchError(f"run {run_id} has no {path!r} artifact to register")
     try:
-        c.get_registered_model(name)
-    except Exception:
-        c.create_registered_model(name, description="ptv2 prompt (P-Tuning v2 prefix + head)")
-    mv = c.create_model_version(name, source=f"runs:/{run_id}/{path}", run_id=run_id, tags={"ptv2.artifact": path})
-    return str(mv.version)
+        return Tracker(uri).register_prompt(run_id, name, path)
+    except TrackingError as e:
+        raise FetchError(str(e)) from e
 
 
 def promote(uri: str | None, name: str, version: str, alias: str) -> None:
-    _client(uri).set_registered_model_alias(name, alias, version)
+    Tracker(uri).set_alias(name, alias, version)
 
 
 def runs_table(uri: str | None, experiment: str | None, sort: str | None, limit: int = 50) -> list[dict]:
-    c = _client(uri)
-    exps = [c.get_experiment_by_name(experiment)] if experiment else c.search_experiments()
-    exps = [e for e in exps if e is not None]
-    if not exps:
-        raise FetchError(f"no experiment {experiment!r}" if experiment else "no experiments yet")
-    order = [f"metrics.`{sort}` DESC"] if sort else ["attributes.start_time DESC"]
-    runs = c.search_runs([e.experiment_id for e in exps], order_by=order, max_results=limit)
+    tracker = Tracker(uri)
+    if experiment is not None and tracker.experiment_id(experiment, create=False) is None:
+        raise FetchError(f"no experiment {experiment!r}")
     rows = []
-    for r in runs:
-        p, m = r.data.params, r.data.metrics
+    for r in tracker.runs(experiment, order_by=sort, limit=limit):
+        p, m = r.params, r.metrics
         rows.append(
             {
-                "run_id": r.info.run_id,
-                "name": r.info.run_name,
-                "status": r.info.status,
+                "run_id": r.run_id,
+                "name": r.name,
+                "status": r.status,
                 "model": Path(p.get("model.name_or_path", "")).name,
                 "task": p.get("model.task", ""),
                 "method": p.get("prompt.method", ""),
@@ -158,26 +127,6 @@ def runs_table(uri: str | None, experiment: str | None, sort: str | None, limit:
             }
         )
     return rows
-
-
-def sweep_table(uri: str | None, sweep_id: str) -> tuple[list[dict], list[str]]:
-    """(rows, columns) of a sweep's trials, best first, read from MLflow."""
-    from launcher.sweep import trials
-
-    c = _client(uri)
-    parents = c.search_runs(
-        [e.experiment_id for e in c.search_experiments()],
-        filter_string=f"tags.`ptv2.sweep_id` = '{sweep_id}' and tags.`ptv2.kind` = 'sweep'",
-    )
-    if not parents:
-        raise FetchError(f"no sweep {sweep_id!r} in {tracking.resolve_uri(uri)}")
-    parent = parents[0]
-    tags, params = parent.data.tags, parent.data.params
-    metric, mode = tags["ptv2.sweep_metric"], tags["ptv2.sweep_mode"]
-    names = [k.removeprefix("sweep.parameters.") for k in params if k.startswith("sweep.parameters.")]
-    experiment = c.get_experiment(parent.info.experiment_id).name
-    rows = trials(uri, experiment, sweep_id, metric, mode, names)
-    return rows, ["run_id", "trial", "status", "evaluations", metric, *names]
 
 
 def ui_command(uri: str | None, host: str, port: int) -> list[str]:

@@ -1,26 +1,24 @@
-"""Run a job spec on Ray: the driver (one MLflow run, a Ray Train worker group) and the worker
-loop (the ptv2 DeepSpeed training loop in a process group Ray created).
+"""Run one job on Ray: the driver (one MLflow run, a Ray Train worker group) and the worker loop
+(the ptv2 DeepSpeed training loop in a process group Ray created).
 
 `ptv2 run` calls `run_spec` with an embedded local Ray; a job submitted with `ptv2 submit` runs
-`python -m launcher.runner SPEC` on the cluster, which joins the cluster's Ray instead. What a
+`python -m launcher.entrypoint SPEC` on the cluster, which joins the cluster's Ray instead. What a
 job keeps goes to its storage folder (`<storage>/<job id>/`: a shared path or an object store),
 never to a node's own disk: every rank reports its checkpoint files to Ray Train, which merges
 them into one checkpoint there, so a restarted worker group (FailureConfig), on any node,
-resumes from it; rank 0 publishes the prompt there and logs it to MLflow. A job that stopped
-or failed resumes with `--resume JOB_ID`, in the same MLflow run.
+resumes from it; rank 0 publishes the prompt there and logs it to MLflow, with the digest of
+every checkpoint (a resume trusts only what matches). A job that stopped or failed resumes with
+`--resume JOB_ID`, in the same MLflow run; one still running or already finished is refused.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import re
-import secrets
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -28,10 +26,11 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from launcher.spec import JobSpec, SpecError, load_spec
-from ptv2 import storage, tracking
+from launcher.spec import JobSpec, SpecError, check_job_id, new_job_id
+from ptv2 import storage
 from ptv2.callbacks import Callback
 from ptv2.checkpoint import Checkpoints
+from ptv2.tracking import RunRecord, Tracker, job_tags
 
 ERROR_FILE = "error.json"  # where workers leave a problem no retry can fix, for the driver
 
@@ -91,27 +90,39 @@ def worker_env(spec: JobSpec, extra: dict[str, str] | None = None) -> dict[str, 
     return {**env, **(extra or {})}
 
 
-def new_job_id(name: str) -> str:
-    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+STACK = ("ptv2", "torch", "deepspeed", "transformers", "ray", "mlflow")
 
 
-def _versions() -> dict[str, str]:
+def stack_versions() -> dict[str, str]:
     out = {}
-    for pkg in ("ptv2", "torch", "deepspeed", "transformers", "ray", "mlflow"):
+    for pkg in STACK:
         with contextlib.suppress(metadata.PackageNotFoundError):
-            out[f"version.{pkg}"] = metadata.version(pkg)
+            out[pkg] = metadata.version(pkg)
     return out
+
+
+def this_driver() -> str:
+    """Who drives a job from this process: `<host/boot/PID-namespace owner>:<pid>`."""
+    return f"{storage.process_owner()}:{os.getpid()}"
+
+
+def driver_gone(driver: str | None) -> bool:
+    """True when the driver that ran a job was a process of this host that no longer runs (the
+    only case one can tell: a driver elsewhere may be alive)."""
+    owner, _, pid = (driver or "").partition(":")
+    return owner == storage.process_owner() and pid.isdigit() and not storage.pid_alive(int(pid))
 
 
 # ---- in every Ray Train worker -------------------------------------------------------------
 class RayCheckpoints(Checkpoints):
     """Checkpoints through Ray Train: each rank reports its own files and Ray merges them into
     one checkpoint folder in the job's storage (and keeps `num_to_keep` of them). A restart
-    resumes from the newest checkpoint whose every rank's marker and files are there: Ray
-    registers a checkpoint only after its controller has seen every rank's report, which can lag
-    a worker that dies right after its upload, while the markers prove the files complete."""
+    resumes from the newest checkpoint whose every rank's marker and files are there (and match
+    the digest MLflow recorded): Ray registers a checkpoint only after its controller has seen
+    every rank's report, which can lag a worker that dies right after its upload, while the
+    markers prove the files complete."""
 
-    def commit(self, folder: Path, name: str, metrics: dict, rank: int) -> None:
+    def commit(self, folder: Path, name: str, rank: int) -> None:
         import ray.train
 
         ray.train.report(
@@ -153,30 +164,49 @@ class FirstStep(Callback):
             self.done = True
             seconds = time.time() - self.submitted_at
             print(f"[ptv2] first step {seconds:.0f} s after submission", flush=True)
-            tracking.client(self.uri).log_metric(self.run_id, "time/submit_to_first_step_s", seconds, step=step)
+            Tracker(self.uri).log_metrics(self.run_id, step, {"time/submit_to_first_step_s": seconds})
 
 
-def worker_loop(config: dict) -> None:
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What every worker of a job receives (Ray pickles it to each)."""
+
+    job: dict  # the TrainJob, as JSON values
+    run_id: str
+    tracking_uri: str
+    resume: bool = False  # an explicit resume: no trusted checkpoint is an error, not a fresh start
+    callbacks: tuple = ()
+    report_eval: bool = False
+    submitted_at: float | None = None
+
+
+def worker_loop(config: WorkerConfig) -> None:
     """Runs in every Ray Train worker: Ray already created the process group."""
     import ray
     import ray.train
 
+    # the training stack (torch, DeepSpeed, transformers) loads in the workers only, not the driver
     from ptv2.callbacks import ConsoleLogger
     from ptv2.settings import TrainJob
     from ptv2.tracking import MlflowCallback
     from ptv2.train import JobError, train
 
-    job = TrainJob.model_validate(config["job"])
+    job = TrainJob.model_validate(config.job)
     rank = ray.train.get_context().get_world_rank()
     print(f"[ptv2] rank {rank} on node {ray.get_runtime_context().get_node_id()}", flush=True)
-    callbacks = [ConsoleLogger(), MlflowCallback(config["tracking_uri"], config["run_id"]), *config["callbacks"]]
-    if config.get("submitted_at"):
-        callbacks.append(FirstStep(config["submitted_at"], config["tracking_uri"], config["run_id"]))
-    if config.get("report_eval"):
+    callbacks = [ConsoleLogger(), MlflowCallback(config.tracking_uri, config.run_id), *config.callbacks]
+    if config.submitted_at:
+        callbacks.append(FirstStep(config.submitted_at, config.tracking_uri, config.run_id))
+    if config.report_eval:
         callbacks.append(RayEvalReport(job.train.eval_every))
-    checkpoints = RayCheckpoints(storage.join(job.storage, "checkpoints"), job.train.keep_checkpoints)
+    tracker = Tracker(config.tracking_uri)
+    checkpoints = RayCheckpoints(
+        storage.join(job.storage, "checkpoints"),
+        job.train.keep_checkpoints,
+        trusted=lambda: tracker.checkpoint_digests(config.run_id),
+    )
     try:
-        train(job, callbacks, checkpoints)
+        train(job, callbacks, checkpoints, resume=config.resume)
     except JobError as e:  # every rank raises it; returning keeps Ray from retrying what cannot succeed
         if rank == 0:
             storage.write_bytes(storage.join(job.storage, ERROR_FILE), json.dumps({"error": str(e)}).encode())
@@ -194,20 +224,48 @@ def _read_error(location: str) -> str | None:
     return json.loads(storage.read_bytes(path))["error"]
 
 
-def reopen_run(uri: str, experiment: str, job_id: str, what: str = "job") -> str:
-    """--resume: the MLflow run of job (or sweep) `job_id`, reopened."""
-    run_id = tracking.find_job_run(uri, experiment, job_id)
-    if run_id is None:
-        raise JobFailed(f"--resume {job_id}: no MLflow run of that {what} in experiment {experiment!r} at {uri}")
-    tracking.reopen_run(uri, run_id)
-    return run_id
+def check_resumable(tracker: Tracker, run: RunRecord, what: str, force: bool) -> None:
+    """Refuse to resume a job (or sweep) whose run is RUNNING (a second driver would train into
+    the same storage and run) unless its driver was a process of this host that is gone, or
+    `force`; and one that FINISHED (resuming trains again and replaces the prompt a registered
+    version or a server may point at): with `force` only when no registered version does."""
+    if run.status == "RUNNING" and not force and not driver_gone(run.driver):
+        raise JobFailed(
+            f"--resume {run.job_id}: the {what} is running (MLflow run {run.run_id} is RUNNING): a second driver "
+            f"would write into the same storage and run; stop it first (ptv2 stop), or if its driver is gone "
+            "for sure, pass --force"
+        )
+    if run.status == "FINISHED":
+        registered = tracker.registered_versions(run.run_id)
+        if registered:
+            raise JobFailed(
+                f"--resume {run.job_id}: the {what} finished and its prompt is registered ({', '.join(registered)}); "
+                "resuming would train again and replace that artifact: start a new job instead"
+            )
+        if not force:
+            raise JobFailed(
+                f"--resume {run.job_id}: the {what} finished; resuming trains again and replaces its prompt "
+                "artifact (pass --force to do so, e.g. after raising train.max_steps)"
+            )
 
 
-def open_run(spec: JobSpec, spec_text: str, job_id: str, uri: str, resume: bool, tags: dict) -> str:
+def reopen_run(tracker: Tracker, experiment: str, job_id: str, what: str = "job", force: bool = False) -> str:
+    """--resume: the MLflow run of job (or sweep) `job_id`, checked and reopened by this driver."""
+    run = tracker.find_job_run(experiment, job_id)
+    if run is None:
+        raise JobFailed(
+            f"--resume {job_id}: no MLflow run of that {what} in experiment {experiment!r} at {tracker.uri}"
+        )
+    check_resumable(tracker, run, what, force)
+    tracker.reopen(run.run_id, this_driver())
+    return run.run_id
+
+
+def open_run(spec: JobSpec, spec_text: str, job_id: str, tracker: Tracker, resume: bool, force: bool, tags) -> str:
     """The job's MLflow run: a new one, or (resume) the job's own run, reopened."""
     if resume:
-        return reopen_run(uri, spec.tracking.experiment, job_id)
-    return tracking.start_run(uri, spec.tracking.experiment, job_id, spec.model_dump(mode="json"), tags, spec_text)
+        return reopen_run(tracker, spec.tracking.experiment, job_id, force=force)
+    return tracker.start_run(spec.tracking.experiment, job_id, spec.model_dump(mode="json"), tags, spec_text)
 
 
 # Lines Ray forwards from workers that say nothing to a ptv2 user; they stay in the session's log
@@ -245,14 +303,13 @@ def ensure_ray(spec: JobSpec, address: str | None) -> bool:
 
     started, t0 = False, time.time()
     if not ray.is_initialized():
+        res = spec.resources
         if address is None:
-            res = spec.resources
-            print(
-                f"[ptv2] starting a local Ray ({max(2, int(res.workers * res.cpus_per_worker))} CPUs) ...", flush=True
-            )
+            cpus = max(2, int(res.workers * res.cpus_per_worker))
+            print(f"[ptv2] starting a local Ray ({cpus} CPUs) ...", flush=True)
             # the dashboard (bound to 127.0.0.1) serves the State API Ray Train's cleaner polls
             ray.init(
-                num_cpus=max(2, int(res.workers * res.cpus_per_worker)),
+                num_cpus=cpus,
                 include_dashboard=True,
                 dashboard_host="127.0.0.1",
                 runtime_env={"env_vars": worker_env(spec)},
@@ -262,7 +319,6 @@ def ensure_ray(spec: JobSpec, address: str | None) -> bool:
             ray.init(address=address)
         started = True
         quiet_known_noise()
-        res = spec.resources
         print(
             f"[ptv2] Ray ready in {time.time() - t0:.0f} s; starting {res.workers} worker(s) "
             "(the first run on a machine also builds DeepSpeed's CPU communication op, ~20 s)",
@@ -283,6 +339,7 @@ def make_trainer(
     report_eval: bool = False,
     ray_callbacks: Sequence = (),
     submitted_at: float | None = None,
+    resume: bool = False,
 ):
     """The Ray Train worker group of one job: its checkpoints and Ray's run state go to the
     job's storage; `report_eval` reports each evaluation to Ray (what Ray Tune compares)."""
@@ -291,16 +348,12 @@ def make_trainer(
 
     res = spec.resources
     fs, path = storage.resolve(spec.job_storage(job_id))
+    config = WorkerConfig(
+        spec.train_job(job_id).model_dump(mode="json"), run_id, uri, resume, tuple(callbacks), report_eval, submitted_at
+    )
     return TorchTrainer(
         worker_loop,
-        train_loop_config={
-            "job": spec.train_job(job_id).model_dump(mode="json"),
-            "run_id": run_id,
-            "tracking_uri": uri,
-            "callbacks": list(callbacks),
-            "report_eval": report_eval,
-            "submitted_at": submitted_at,
-        },
+        train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=res.workers,
             use_gpu=res.gpus_per_worker > 0,
@@ -322,9 +375,13 @@ def make_trainer(
     )
 
 
-def fit_job(trainer, spec: JobSpec, job_id: str, run_id: str, uri: str) -> dict[str, float]:
+def fit_job(trainer, spec: JobSpec, job_id: str, run_id: str, tracker: Tracker, owns_run: bool = True) -> dict:
     """Fit the worker group and end the job's MLflow run: FINISHED with the final eval metrics,
-    FAILED with the one-line reason, KILLED when stopped. Returns the metrics."""
+    FAILED with the one-line reason, KILLED when stopped. Returns the metrics.
+
+    `owns_run=False` (a sweep's trial): an error is recorded while the run is still RUNNING but
+    the run is not ended; the sweep's driver ends it (KILLED when its scheduler stopped the trial,
+    which it marks before the trial's worker group goes down, FAILED otherwise)."""
     location = spec.job_storage(job_id)
     storage.delete(storage.join(location, ERROR_FILE))
     try:
@@ -333,22 +390,16 @@ def fit_job(trainer, spec: JobSpec, job_id: str, run_id: str, uri: str) -> dict[
         if error is not None:
             raise JobFailed(error)
         # Ray's Result.metrics is empty without a reported checkpoint: the run holds the truth
-        metrics = tracking.latest_metrics(uri, run_id, prefix="eval/")
+        metrics = tracker.latest_metrics(run_id, prefix="eval/")
     except BaseException as e:
-        tracking.end_run(uri, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", error=str(e))
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        if owns_run:
+            tracker.end_if_running(run_id, status, error=str(e))
+        elif status == "FAILED" and tracker.run(run_id).status == "RUNNING":
+            tracker.record_error(run_id, str(e))
         raise
-    tracking.end_run(uri, run_id, "FINISHED", metrics)
+    tracker.end(run_id, "FINISHED", metrics)
     return metrics
-
-
-def job_tags(job_id: str, location: str, address: str | None) -> dict[str, str]:
-    tags = {"ptv2.job_id": job_id, "ptv2.storage": location, **_versions()}
-    if address is not None:
-        tags["ray.job_id"] = os.environ.get("RAY_JOB_SUBMISSION_ID", job_id)
-    commit = _git_commit()
-    if commit:
-        tags["git.commit"] = commit
-    return tags
 
 
 def run_spec(
@@ -359,76 +410,55 @@ def run_spec(
     resume: bool = False,
     callbacks: Sequence[Callback] = (),
     submitted_at: float | None = None,
+    force: bool = False,
 ) -> RunSummary:
     """Create (or reopen) the MLflow run, run the worker group on Ray, end the run.
     `address=None` starts an embedded local Ray sized for the job. `callbacks` are added to
-    every worker's (they must pickle)."""
+    every worker's (they must pickle). `force`: resume a job whose run says it is running or
+    finished (see `check_resumable`)."""
     import ray
 
     if resume and job_id is None:
         raise JobFailed("resume needs the id of the job to resume")
-    job_id = job_id or new_job_id(spec.name)
+    try:
+        job_id = check_job_id(job_id) if job_id is not None else new_job_id(spec.name)
+    except SpecError as e:
+        raise JobFailed(str(e)) from e
     location = spec.job_storage(job_id)
     if resume and not storage.exists(location):
         raise JobFailed(f"--resume {job_id}: nothing of that job in storage at {location}")
-    uri = tracking.resolve_uri(spec.tracking.tracking_uri)
-    run_id = open_run(spec, spec_text, job_id, uri, resume, job_tags(job_id, location, address))
-    print(f"[ptv2] job {job_id}: MLflow run {run_id} at {uri}; storage {location}", flush=True)
+    if not resume and storage.listdir(location):
+        raise JobFailed(f"storage {location} already holds a job's files: a new job needs a folder of its own")
+    tracker = Tracker(spec.tracking.tracking_uri)
+    tags = job_tags(
+        job_id,
+        location,
+        stack_versions(),
+        driver=this_driver(),
+        ray_job_id=os.environ.get("RAY_JOB_SUBMISSION_ID", job_id) if address is not None else None,
+        git_commit=_git_commit(),
+    )
+    run_id = open_run(spec, spec_text, job_id, tracker, resume, force, tags)
+    print(f"[ptv2] job {job_id}: MLflow run {run_id} at {tracker.uri}; storage {location}", flush=True)
     started_here = False
     try:
         started_here = ensure_ray(spec, address)
-        trainer = make_trainer(spec, job_id, run_id, uri, callbacks, submitted_at=submitted_at or time.time())
-        metrics = fit_job(trainer, spec, job_id, run_id, uri)
+        trainer = make_trainer(
+            spec, job_id, run_id, tracker.uri, callbacks, submitted_at=submitted_at or time.time(), resume=resume
+        )
+        metrics = fit_job(trainer, spec, job_id, run_id, tracker)
         if spec.tracking.register_as:
-            from launcher.prompts import register
-
-            version = register(uri, run_id, spec.tracking.register_as)
+            version = tracker.register_prompt(run_id, spec.tracking.register_as)
             print(f"[ptv2] registered models:/{spec.tracking.register_as}/{version}", flush=True)
-    except BaseException as e:
-        if tracking.client(uri).get_run(run_id).info.status == "RUNNING":  # failed before fitting
-            tracking.end_run(uri, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", error=str(e))
+    except BaseException as e:  # failed before fitting: the run must not stay RUNNING
+        tracker.end_if_running(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", error=str(e))
         raise
     finally:
         if started_here:
             ray.shutdown()
     prompt = storage.join(location, "prompt")
-    tags = tracking.client(uri).get_run(run_id).data.tags
-    n, share = int(tags.get("ptv2.trainable_params", 0)), tags.get("ptv2.trainable_share_pct", "?")
-    trainable = f"{n:,} parameters ({share}% of the model)"
+    n, share = tracker.run(run_id).trainable
     artifact = prompt if storage.is_file(storage.join(prompt, "manifest.json")) else None
-    return RunSummary(job_id, run_id, location, uri, metrics, artifact, trainable)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of a submitted job on the cluster: `python -m launcher.runner SPEC`."""
-    ap = argparse.ArgumentParser(description="Run a ptv2 job spec on the Ray cluster this process belongs to.")
-    ap.add_argument("spec")
-    ap.add_argument("--address", default="auto")
-    ap.add_argument("--job-id", help="use this job id (ptv2 submit passes its own)")
-    ap.add_argument("--resume", action="store_true", help="continue job --job-id from its newest checkpoint")
-    ap.add_argument("--submitted-at", type=float, help="when `ptv2 submit` sent the job (seconds since the epoch)")
-    args = ap.parse_args(argv)
-    try:
-        spec = load_spec(args.spec)
-        text = Path(args.spec).read_text()
-        if spec.sweep is not None:  # a sweep submitted to the cluster
-            from launcher.sweep import run_sweep
-
-            s = run_sweep(spec, text, address=args.address, sweep_id=args.job_id, resume=args.resume)
-            print(f"[ptv2] sweep finished: best run {s.best_run_id}, {s.metric} {s.best_value:.4f}", flush=True)
-            return 0
-        s = run_spec(
-            spec, text, address=args.address, job_id=args.job_id, resume=args.resume, submitted_at=args.submitted_at
-        )
-    except (SpecError, JobFailed) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except JobStopped:
-        print("[ptv2] stopped", flush=True)
-        return 130
-    print(f"[ptv2] finished: run {s.run_id}, metrics {s.metrics}, prompt {s.artifact}", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return RunSummary(
+        job_id, run_id, location, tracker.uri, metrics, artifact, f"{n:,} parameters ({share}% of the model)"
+    )

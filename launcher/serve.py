@@ -137,6 +137,43 @@ class PromptCatalog:
         return self._entries.pop(name, None) is not None
 
 
+class LoadFailures:
+    """Prompt versions that did not load on this replica, retried with backoff: a fetch can fail
+    for a moment (the tracking server restarting, the network), and a replica that never tried
+    again would serve the old version while the others serve the new one."""
+
+    FIRST_S, MAX_S = 5.0, 300.0
+
+    def __init__(self) -> None:
+        self._failed: dict[str, dict] = {}  # name -> {"pinned", "version", "error", "at", "attempts"}
+
+    def record(self, name: str, entry: dict, error: str, now: float) -> None:
+        same = self._failed.get(name, {}).get("pinned") == entry["pinned"]
+        attempts = self._failed[name]["attempts"] + 1 if same else 1
+        self._failed[name] = {
+            "pinned": entry["pinned"],
+            "version": entry.get("version"),
+            "error": error,
+            "at": now,
+            "attempts": attempts,
+        }
+
+    def clear(self, name: str) -> None:
+        self._failed.pop(name, None)
+
+    def may_try(self, name: str, pinned: str, now: float) -> bool:
+        """False while `pinned` failed on its last try and its backoff (doubling from FIRST_S to
+        MAX_S) has not passed."""
+        f = self._failed.get(name)
+        if f is None or f["pinned"] != pinned:
+            return True
+        return now - f["at"] >= min(self.MAX_S, self.FIRST_S * 2 ** (f["attempts"] - 1))
+
+    def get(self, name: str) -> dict | None:
+        f = self._failed.get(name)
+        return None if f is None else {k: f[k] for k in ("pinned", "version", "error", "attempts")}
+
+
 def _count_rows(jobs: list[list]) -> int:
     return sum(len(job) for job in jobs)
 
@@ -194,10 +231,16 @@ class ModelQueue:
             flat = [row for rows, _ in jobs for row in rows]
             try:
                 results = await asyncio.to_thread(self.run, flat)
-            except Exception as e:  # the batch's callers get the error; the queue goes on
-                for _, future in jobs:
+            except Exception:  # one request's rows must not fail the others': each runs alone
+                for rows, future in jobs:
+                    try:
+                        part = await asyncio.to_thread(self.run, rows)
+                    except Exception as e:
+                        if not future.done():
+                            future.set_exception(e)
+                        continue
                     if not future.done():
-                        future.set_exception(e)
+                        future.set_result(part)
                 continue
             for (_, future), part in zip(jobs, _split(results, [rows for rows, _ in jobs]), strict=True):
                 if not future.done():
@@ -229,7 +272,7 @@ class PromptServer:
         self.bank = sv.PromptBank(self.base, self.o.max_prompts, self.o.max_prompt_bytes)
         self.catalog = catalog
         self.entries: dict[str, dict] = {}
-        self.errors: dict[str, dict] = {}  # name -> the pinned version that failed and why
+        self.failures = LoadFailures()  # prompt versions that did not load here, retried with backoff
         self.stats = {"predict": defaultdict(int), "generate": defaultdict(int)}
         self._loading: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._sync_lock = asyncio.Lock()
@@ -250,7 +293,7 @@ class PromptServer:
     async def _sync(self, force: bool = False, strict: bool = False) -> None:
         """Reconcile the bank with the catalogue (at most every sync_s unless forced): entries
         removed leave, entries re-pinned are reloaded (the old one serves until the new one is
-        verified; a version that fails is not retried)."""
+        verified; a version that failed is tried again after a backoff)."""
         if not force and time.monotonic() - self._synced < self.o.sync_s:
             return
         async with self._sync_lock:
@@ -262,8 +305,7 @@ class PromptServer:
             for name, entry in self.entries.items():
                 loaded = self.bank.peek(name)
                 stale = loaded is not None and loaded.source != entry["pinned"]
-                failed = self.errors.get(name, {}).get("pinned") == entry["pinned"]
-                if strict or (stale and not failed):
+                if strict or (stale and self.failures.may_try(name, entry["pinned"], time.monotonic())):
                     try:
                         await self._load(entry)
                     except Exception as e:
@@ -284,9 +326,9 @@ class PromptServer:
                 path = await asyncio.to_thread(materialize, self.o.tracking_uri, entry["pinned"], self.o.cache_dir)
                 prompt, evicted = await asyncio.to_thread(self.bank.load, name, path, entry["pinned"])
             except Exception as e:
-                self.errors[name] = {"pinned": entry["pinned"], "version": entry.get("version"), "error": str(e)}
+                self.failures.record(name, entry, str(e), time.monotonic())
                 raise
-            self.errors.pop(name, None)
+            self.failures.clear(name)
             if evicted:
                 logger.info("prompt %s loaded; evicted (least recently used): %s", name, ", ".join(evicted))
             return prompt
@@ -327,8 +369,8 @@ class PromptServer:
             if now["pinned"] == entry["pinned"]:
                 continue
             moved = {**entry, **now}
-            if self.errors.get(entry["name"], {}).get("pinned") == moved["pinned"]:
-                continue  # already refused: reported in GET /v1/prompts
+            if not self.failures.may_try(entry["name"], moved["pinned"], time.monotonic()):
+                continue  # refused a moment ago: reported in GET /v1/prompts, tried again later
             try:
                 await self._load(moved)
             except Exception as e:
@@ -443,7 +485,11 @@ class PromptServer:
             )
             for text in texts
         ]
-        return await self._generate_batch(rows)
+        out = await self._generate_batch(rows)
+        failed = next((i for i, g in enumerate(out) if g.error), None)
+        if failed is not None:
+            raise HTTPError(500, f"input {failed} could not be continued: {out[failed].error}", "server_error")
+        return out
 
     # ---- routes --------------------------------------------------------------------------------------
     @app.get("/health")
@@ -461,8 +507,10 @@ class PromptServer:
             if loaded is not None:
                 row.update({k: v for k, v in loaded.describe().items() if k not in row and k != "source"})
                 row["pinned"] = loaded.source
-            if name in self.errors:
-                row["error"] = self.errors[name]
+                row["weights_sha256"] = loaded.weights_sha256()
+            failure = self.failures.get(name)
+            if failure is not None:
+                row["error"] = failure
             rows.append(row)
         return {"base": self.base.name_or_path, "prompts": rows}
 
@@ -613,6 +661,15 @@ def start(options: ServeOptions, entries: list[dict], address: str | None = None
             ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False)
         started_ray = True
     serve.start(http_options={"host": options.host, "port": options.port})
+    host, port = http_bind()
+    if (host, port) != (options.host, options.port):
+        # Serve keeps the HTTP options it started with (Ray only logs a warning): the replicas'
+        # admin check and the token warning would trust a host that is not the real one
+        stop(started_ray, address)
+        raise ServeError(
+            f"Ray Serve already runs on this cluster, listening on {host}:{port}, and cannot move while it runs: "
+            f"serve with --host {host} --port {port}, or shut that Serve down first (serve shutdown)"
+        )
     try:
         return serve.run(build_app(options, entries), name=APP_NAME, route_prefix="/")
     except Exception as e:
@@ -622,6 +679,16 @@ def start(options: ServeOptions, entries: list[dict], address: str | None = None
             detail += "\n".join(["", status.message, *(d.message for d in status.deployments.values())])
         stop(started_ray, address)
         raise ServeError(_reason(detail)) from e
+
+
+def http_bind() -> tuple[str, int]:
+    """(host, port) the running Serve's HTTP proxies listen on. Ray 2.60 has no public call for
+    it: its controller client holds the options the proxies started with (a stable schema)."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails
+
+    details = ServeInstanceDetails(**_get_global_client().get_serve_details())
+    return details.http_options.host, details.http_options.port
 
 
 def _check_port(host: str, port: int) -> None:

@@ -21,7 +21,7 @@ Stop = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class AddPrompt(_Body):
@@ -77,7 +77,7 @@ class CompletionBody(BaseModel):
     """OpenAI's /v1/completions request; fields ptv2 cannot honour are refused by name when set
     to anything but their neutral value, unknown ones ignored (clients send extras)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
     prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1024)]

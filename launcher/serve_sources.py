@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from filelock import FileLock
+
 from launcher.prompts import FetchError, fetch, resolve
 from ptv2.artifact import ArtifactError, read_manifest
 
@@ -44,19 +46,23 @@ def pin(uri: str | None, source: str) -> dict:
 
 def materialize(uri: str | None, pinned: str, cache_dir: str | Path) -> Path:
     """A local folder holding the pinned prompt: the folder itself, or a verified fetch of the run
-    artifact into `cache_dir` (kept: a run's artifact never changes; the bank re-verifies every
-    checksum when it loads it, and a cached copy that fails is fetched again)."""
+    artifact into `cache_dir` (kept: a run's artifact never changes, and a finished job's is never
+    rewritten; the bank re-verifies every checksum when it loads it, and a cached copy that fails
+    is fetched again). Replicas on one host share the cache: one fetches an entry at a time (a
+    file lock per entry), the others then find it there."""
     if not pinned.startswith("runs:/"):
         return Path(pinned)
     run_id, _, artifact = pinned.removeprefix("runs:/").partition("/")
     out = Path(cache_dir) / run_id / re.sub(r"[^A-Za-z0-9._-]", "_", artifact)
-    if out.is_dir():
-        try:
-            read_manifest(out)
-            return out
-        except ArtifactError:
-            pass
-    fetch(uri, pinned, out, force=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out.parent / f".{out.name}.lock")):
+        if out.is_dir():
+            try:
+                read_manifest(out)
+                return out
+            except ArtifactError:
+                pass
+        fetch(uri, pinned, out, force=True)
     return out
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import json
 import re
+import secrets
+import time
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -25,6 +27,23 @@ from ptv2.settings import TrainJob
 
 class SpecError(ValueError):
     """A spec that cannot run; the message is one line naming the file and the field."""
+
+
+# A job (or sweep) id names its storage folder, its MLflow run and its Ray job, and is written
+# into shell commands and MLflow filters: one pattern for all, no quote, slash or leading dot.
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_job_id(job_id: str) -> str:
+    if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id) or ".." in job_id:
+        raise SpecError(
+            f"job id {job_id!r} is not valid: 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return job_id
+
+
+def new_job_id(name: str) -> str:
+    return check_job_id(f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
 
 
 class Resources(BaseModel):

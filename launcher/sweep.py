@@ -15,22 +15,24 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from launcher.runner import (
     JobFailed,
     ensure_ray,
     fit_job,
-    job_tags,
     make_trainer,
-    new_job_id,
     reopen_run,
+    stack_versions,
+    this_driver,
 )
-from launcher.spec import JobSpec, Sweep, with_values
-from ptv2 import storage, tracking
+from launcher.spec import JobSpec, Sweep, check_job_id, new_job_id, with_values
+from ptv2 import storage
+from ptv2.errors import first_line
 from ptv2.evaluate import METRICS, PRIMARY_METRIC
+from ptv2.tracking import RunRecord, Tracker, TrackingError, job_tags, swept_tags
 
 
 @dataclass
@@ -88,28 +90,33 @@ def trial_name(params: dict) -> str:
 
 def run_trial(config: dict, base: dict, sweep_id: str, parent_run_id: str, uri: str) -> None:
     """One trial, in its own Tune actor: its spec, its nested MLflow run (reopened when the sweep
-    resumes), its Ray Train worker group reporting each evaluation to Tune."""
+    resumes), its Ray Train worker group reporting each evaluation to Tune. The trial ends its
+    run FINISHED; the sweep's driver ends it otherwise (stopped, failed)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     params = config["params"]
     spec = JobSpec.model_validate(with_values(base, params))
-    job_id = trial_job_id(sweep_id, tune.get_context().get_trial_id())
-    run_id = tracking.find_job_run(uri, spec.tracking.experiment, job_id)
-    if run_id is None:
-        tags = {
-            **job_tags(job_id, spec.job_storage(job_id), None),
-            "mlflow.parentRunId": parent_run_id,
-            "ptv2.sweep_id": sweep_id,
-            "ptv2.trial": tune.get_context().get_trial_id(),
-            **{f"sweep.{k}": json.dumps(v) for k, v in params.items()},
-        }
-        run_id = tracking.start_run(uri, spec.tracking.experiment, job_id, spec.model_dump(mode="json"), tags)
-        tracking.client(uri).set_tag(run_id, "mlflow.runName", f"{job_id} {trial_name(params)}"[:250])
-    elif tracking.client(uri).get_run(run_id).info.status == "FINISHED":
+    trial = tune.get_context().get_trial_id()
+    job_id = trial_job_id(sweep_id, trial)
+    tracker = Tracker(uri)
+    run = tracker.find_job_run(spec.tracking.experiment, job_id)
+    if run is None:
+        tags = job_tags(
+            job_id,
+            spec.job_storage(job_id),
+            stack_versions(),
+            driver=this_driver(),
+            parent_run_id=parent_run_id,
+            sweep_id=sweep_id,
+            trial=trial,
+        )
+        tags |= swept_tags(params)
+        run_id = tracker.start_run(spec.tracking.experiment, job_id, spec.model_dump(mode="json"), tags)
+        tracker.mark(run_id, name=f"{job_id} {trial_name(params)}")
+    elif run.status == "FINISHED":
         # done before the sweep's driver died: tell Tune its result instead of training again
-        history = {k: tracking.client(uri).get_metric_history(run_id, f"eval/{k}") for k in METRICS[spec.model.task]}
-        last = {k: sorted(v, key=lambda m: m.step)[-1] for k, v in history.items() if v}
+        last = {k: h[-1] for k in METRICS[spec.model.task] if (h := tracker.history(run.run_id, f"eval/{k}"))}
         step = max(m.step for m in last.values())
         every = spec.train.eval_every
         tune.report(
@@ -117,45 +124,92 @@ def run_trial(config: dict, base: dict, sweep_id: str, parent_run_id: str, uri: 
         )
         return
     else:
-        tracking.reopen_run(uri, run_id)
+        run_id = run.run_id
+        tracker.reopen(run_id, this_driver())
     trainer = make_trainer(spec, job_id, run_id, uri, report_eval=True, ray_callbacks=[TuneReportCallback()])
-    fit_job(trainer, spec, job_id, run_id, uri)
+    fit_job(trainer, spec, job_id, run_id, tracker, owns_run=False)
 
 
-def _trial_run(uri: str, experiment: str, sweep_id: str, trial_id: str):
-    run_id = tracking.find_job_run(uri, experiment, trial_job_id(sweep_id, trial_id))
-    return None if run_id is None else tracking.client(uri).get_run(run_id)
+def _error_of(trial) -> str:
+    """The first line of a failed trial's error, as Tune wrote it on the driver."""
+    path = getattr(trial, "error_file", None)
+    try:
+        text = Path(path).read_text() if path else ""
+    except OSError:
+        text = ""
+    lines = [x for x in text.splitlines() if x.strip() and not x.startswith(("Traceback", "  "))]
+    return first_line(lines[-1] if lines else "the trial failed", 2000)
 
 
-def make_callback(uri: str, experiment: str, sweep_id: str, metric: str):
-    """A Tune callback in the sweep's driver: prints each trial's end and closes the MLflow run
-    of a trial that ASHA stopped (its workers were stopped with it) as KILLED, tagged so."""
-    from ray import tune
+class TrialRuns:
+    """How a sweep's trial runs end other than FINISHED, owned by the sweep's driver: a trial the
+    scheduler stops is marked KILLED (and early-stopped) the moment it decides so, before Tune
+    stops the trial's actor, whose worker group then goes down with errors that are not the
+    trial's; a trial that failed is marked FAILED with its error. A run already ended stays as it
+    is, so the order in which Tune reports a stop and an error does not matter."""
 
-    class TrialRuns(tune.Callback):
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            run = _trial_run(uri, experiment, sweep_id, trial.trial_id)
-            value = (trial.last_result or {}).get(metric)
-            stopped = run is not None and run.info.status == "RUNNING"
-            if stopped:
-                tracking.client(uri).set_tag(run.info.run_id, "ptv2.early_stopped", "true")
-                tracking.end_run(uri, run.info.run_id, "KILLED")
-            what = "stopped early" if stopped else "finished"
-            shown = f"{metric} {value:.4f}" if isinstance(value, float) else "no evaluation"
-            print(f"[ptv2] trial {trial.trial_id} {what}: {shown} ({trial_name(trial.config['params'])})", flush=True)
+    def __init__(self, uri: str, experiment: str, sweep_id: str, metric: str) -> None:
+        self.tracker, self.experiment, self.sweep_id, self.metric = Tracker(uri), experiment, sweep_id, metric
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            run = _trial_run(uri, experiment, sweep_id, trial.trial_id)
-            if run is not None and run.info.status == "RUNNING":
-                tracking.end_run(uri, run.info.run_id, "FAILED", error=str(trial.error_file or "trial failed"))
-            print(f"[ptv2] trial {trial.trial_id} failed ({trial_name(trial.config['params'])})", flush=True)
+    def run(self, trial) -> RunRecord | None:
+        return self.tracker.find_job_run(self.experiment, trial_job_id(self.sweep_id, trial.trial_id))
 
-    return TrialRuns()
+    def stopped(self, trial) -> None:
+        run = self.run(trial)
+        if run is not None and run.status == "RUNNING":
+            self.tracker.mark(run.run_id, early_stopped=True)
+            self.tracker.end(run.run_id, "KILLED")
+
+    def completed(self, trial) -> None:
+        run = self.run(trial)
+        value = (trial.last_result or {}).get(self.metric)
+        what = "stopped early" if run is not None and run.early_stopped else "finished"
+        shown = f"{self.metric} {value:.4f}" if isinstance(value, float) else "no evaluation"
+        print(f"[ptv2] trial {trial.trial_id} {what}: {shown} ({trial_name(trial.config['params'])})", flush=True)
+
+    def failed(self, trial) -> None:
+        run = self.run(trial)
+        if run is not None and run.status == "RUNNING":
+            self.tracker.end(run.run_id, "FAILED", error=None if run.error else _error_of(trial))
+        print(f"[ptv2] trial {trial.trial_id} failed ({trial_name(trial.config['params'])})", flush=True)
+
+    def callback(self):
+        """The Tune callback that reports trials' ends here."""
+        from ray import tune
+
+        owner = self
+
+        class Callback(tune.Callback):
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                owner.stopped(trial)  # a trial Tune completes while its run still runs was stopped
+                owner.completed(trial)
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                owner.failed(trial)
+
+        return Callback()
+
+    def asha(self, **settings):
+        """Tune's ASHA scheduler, marking each trial it stops as it decides to."""
+        from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+        owner = self
+
+        class Scheduler(ASHAScheduler):
+            def on_trial_result(self, tune_controller, trial, result):
+                decision = super().on_trial_result(tune_controller, trial, result)
+                if decision == TrialScheduler.STOP:
+                    owner.stopped(trial)
+                return decision
+
+        return Scheduler(**settings)
 
 
-def open_parent(spec: JobSpec, spec_text: str, sweep_id: str, uri: str, resume: bool, address: str | None) -> str:
+def open_parent(
+    spec: JobSpec, spec_text: str, sweep_id: str, tracker: Tracker, resume: bool, address: str | None, force: bool
+) -> str:
     if resume:
-        return reopen_run(uri, spec.tracking.experiment, sweep_id, "sweep")
+        return reopen_run(tracker, spec.tracking.experiment, sweep_id, "sweep", force)
     metric, mode = objective(spec)
     params = {
         **{f"sweep.parameters.{k}": d.describe() for k, d in spec.sweep.parameters.items()},
@@ -164,36 +218,45 @@ def open_parent(spec: JobSpec, spec_text: str, sweep_id: str, uri: str, resume: 
         "sweep.mode": mode,
         "sweep.early_stopping": spec.sweep.early_stopping.model_dump() if spec.sweep.early_stopping else None,
     }
-    tags = {
-        **job_tags(sweep_id, spec.job_storage(sweep_id), address),
-        "ptv2.sweep_id": sweep_id,
-        "ptv2.kind": "sweep",
-        "ptv2.sweep_metric": metric,
-        "ptv2.sweep_mode": mode,
-    }
-    return tracking.start_run(uri, spec.tracking.experiment, sweep_id, params, tags, spec_text)
+    tags = job_tags(
+        sweep_id,
+        spec.job_storage(sweep_id),
+        stack_versions(),
+        driver=this_driver(),
+        ray_job_id=sweep_id if address is not None else None,
+        sweep_id=sweep_id,
+        kind="sweep",
+        sweep_metric=metric,
+        sweep_mode=mode,
+    )
+    return tracker.start_run(spec.tracking.experiment, sweep_id, params, tags, spec_text)
 
 
 def run_sweep(
-    spec: JobSpec, spec_text: str, address: str | None = None, sweep_id: str | None = None, resume: bool = False
+    spec: JobSpec,
+    spec_text: str,
+    address: str | None = None,
+    sweep_id: str | None = None,
+    resume: bool = False,
+    force: bool = False,
 ) -> SweepSummary:
     """Run (or resume) the sweep of `spec` on Ray Tune; the parent MLflow run ends FINISHED with
     the best trial, FAILED when no trial succeeded, KILLED when stopped."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     if resume and sweep_id is None:
         raise JobFailed("resume needs the id of the sweep to resume")
-    sweep_id = sweep_id or new_job_id(f"{spec.name}-sweep")
+    sweep_id = check_job_id(sweep_id) if sweep_id is not None else new_job_id(f"{spec.name}-sweep")
     location = spec.job_storage(sweep_id)
     fs, path = storage.resolve(location)
     if resume and not storage.exists(storage.join(location, "tune")):
         raise JobFailed(f"--resume {sweep_id}: nothing of that sweep in storage at {location}")
-    uri = tracking.resolve_uri(spec.tracking.tracking_uri)
+    tracker = Tracker(spec.tracking.tracking_uri)
     metric, mode = objective(spec)
-    parent = open_parent(spec, spec_text, sweep_id, uri, resume, address)
-    print(f"[ptv2] sweep {sweep_id}: MLflow run {parent} at {uri}; storage {location}", flush=True)
+    parent = open_parent(spec, spec_text, sweep_id, tracker, resume, address, force)
+    print(f"[ptv2] sweep {sweep_id}: MLflow run {parent} at {tracker.uri}; storage {location}", flush=True)
     started_here = False
     try:
         started_here = ensure_ray(spec, address)
@@ -202,12 +265,13 @@ def run_sweep(
             base=spec.model_dump(mode="json", exclude={"sweep"}),
             sweep_id=sweep_id,
             parent_run_id=parent,
-            uri=uri,
+            uri=tracker.uri,
         )
         trainable = tune.with_resources(trainable, {"memory": 1})  # no CPU: the worker group claims the trial's
         es = spec.sweep.early_stopping
+        trial_runs = TrialRuns(tracker.uri, spec.tracking.experiment, sweep_id, metric)
         scheduler = (
-            ASHAScheduler(
+            trial_runs.asha(
                 time_attr="eval_index",
                 grace_period=es.grace_period,
                 reduction_factor=es.reduction_factor,
@@ -221,7 +285,7 @@ def run_sweep(
             name="tune",
             storage_path=path,
             storage_filesystem=fs,
-            callbacks=[make_callback(uri, spec.tracking.experiment, sweep_id, metric)],
+            callbacks=[trial_runs.callback()],
             failure_config=tune.FailureConfig(fail_fast=False),
             verbose=0,
         )
@@ -249,12 +313,12 @@ def run_sweep(
                 run_config=run_config,
             )
         tuner.fit()
-        summary = summarize(spec, sweep_id, parent, uri, metric, mode)
-        record(summary, spec, uri)
+        summary = summarize(spec, sweep_id, parent, tracker, metric, mode)
+        record(summary, spec, tracker)
     except BaseException as e:
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
-        close_open_trials(uri, spec.tracking.experiment, sweep_id, status)
-        tracking.end_run(uri, parent, status, error=str(e))
+        close_open_trials(tracker, spec.tracking.experiment, sweep_id, status)
+        tracker.end_if_running(parent, status, error=str(e))
         raise
     finally:
         if started_here:
@@ -262,69 +326,66 @@ def run_sweep(
     return summary
 
 
-def trials(uri: str, experiment: str, sweep_id: str, metric: str, mode: str, names: list[str]) -> list[dict]:
+def trials(tracker: Tracker, experiment: str, sweep_id: str, metric: str, mode: str, names: list[str]) -> list[dict]:
     """The sweep's trials as MLflow recorded them, best first: run, status (early stops marked),
     evaluations, the best value of `metric` over its evaluations, the swept values."""
-    c = tracking.client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`ptv2.sweep_id` = '{sweep_id}'") if exp else []
     sign = 1 if mode == "max" else -1
     rows = []
-    for run in runs:
-        tags = run.data.tags
-        if tags.get("ptv2.kind") == "sweep":
+    for run in tracker.runs(experiment, sweep_id=sweep_id):
+        if run.is_sweep:
             continue
-        values = [m.value for m in c.get_metric_history(run.info.run_id, f"eval/{metric}")]
-        status = "STOPPED EARLY" if tags.get("ptv2.early_stopped") == "true" else run.info.status
+        values = [m.value for m in tracker.history(run.run_id, f"eval/{metric}")]
         rows.append(
             {
-                "run_id": run.info.run_id,
-                "trial": tags.get("ptv2.trial", ""),
-                "status": status,
+                "run_id": run.run_id,
+                "trial": run.trial,
+                "status": "STOPPED EARLY" if run.early_stopped else run.status,
                 "evaluations": len(values),
                 metric: max(values, key=lambda v: sign * v) if values else math.nan,
-                **{k: _value(tags.get(f"sweep.{k}")) for k in names},
+                **{k: run.swept(k) for k in names},
             }
         )
-    return sorted(rows, key=lambda t: (t[metric] != t[metric], -sign * t[metric] if t[metric] == t[metric] else 0))
+    return sorted(rows, key=lambda t: (math.isnan(t[metric]), 0 if math.isnan(t[metric]) else -sign * t[metric]))
 
 
-def _value(text: str | None):
-    """A swept value back from its tag (JSON)."""
-    return None if text is None else json.loads(text)
+def sweep_table(uri: str | None, sweep_id: str) -> tuple[list[dict], list[str]]:
+    """(rows, columns) of a sweep's trials, best first, read from MLflow (`ptv2 runs --sweep`)."""
+    tracker = Tracker(uri)
+    parents = [r for r in tracker.runs(sweep_id=sweep_id) if r.is_sweep]
+    if not parents:
+        raise TrackingError(f"no sweep {sweep_id!r} in {tracker.uri}")
+    parent = parents[0]
+    metric, mode = parent.sweep_objective
+    names = [k.removeprefix("sweep.parameters.") for k in parent.params if k.startswith("sweep.parameters.")]
+    rows = trials(tracker, tracker.experiment_name(parent.experiment_id), sweep_id, metric, mode, names)
+    return rows, ["run_id", "trial", "status", "evaluations", metric, *names]
 
 
-def summarize(spec: JobSpec, sweep_id: str, parent: str, uri: str, metric: str, mode: str) -> SweepSummary:
-    summary = SweepSummary(sweep_id, parent, uri, metric, mode)
-    summary.trials = trials(uri, spec.tracking.experiment, sweep_id, metric, mode, list(spec.sweep.parameters))
-    done = [t for t in summary.trials if t[metric] == t[metric]]
+def summarize(spec: JobSpec, sweep_id: str, parent: str, tracker: Tracker, metric: str, mode: str) -> SweepSummary:
+    summary = SweepSummary(sweep_id, parent, tracker.uri, metric, mode)
+    summary.trials = trials(tracker, spec.tracking.experiment, sweep_id, metric, mode, list(spec.sweep.parameters))
+    done = [t for t in summary.trials if not math.isnan(t[metric])]
     if not done:
         raise JobFailed(f"no trial of sweep {sweep_id} produced {metric}: see the trial runs for why")
     best = done[0]
     summary.best_run_id, summary.best_value = best["run_id"], best[metric]
     summary.best_params = {k: best[k] for k in spec.sweep.parameters}
-    tracking.client(uri).set_tag(best["run_id"], "ptv2.sweep_best", "true")
+    tracker.mark(best["run_id"], sweep_best=True)
     return summary
 
 
-def record(summary: SweepSummary, spec: JobSpec, uri: str) -> None:
+def record(summary: SweepSummary, spec: JobSpec, tracker: Tracker) -> None:
     """The parent run: best value and parameters, the trials' table and plot; the best prompt
     registered when the spec says so; then FINISHED."""
-    c = tracking.client(uri)
-    metric = summary.metric
-    c.log_metric(summary.run_id, f"best/{metric}", summary.best_value)
-    c.set_tag(summary.run_id, "ptv2.best_run_id", summary.best_run_id)
-    for k, v in summary.best_params.items():
-        c.set_tag(summary.run_id, f"best.{k}", str(v))
-    c.log_text(summary.run_id, trials_csv(summary), "sweep/trials.csv")
-    c.log_text(summary.run_id, trials_markdown(summary), "sweep/trials.md")
-    c.log_figure(summary.run_id, plot(summary, spec), "sweep/metric_by_parameter.png")
+    run_id = summary.run_id
+    tracker.record_sweep_result(run_id, summary.metric, summary.best_value, summary.best_run_id, summary.best_params)
+    tracker.log_text(run_id, trials_csv(summary), "sweep/trials.csv")
+    tracker.log_text(run_id, trials_markdown(summary), "sweep/trials.md")
+    tracker.log_figure(run_id, plot(summary, spec), "sweep/metric_by_parameter.png")
     if spec.tracking.register_as:
-        from launcher.prompts import register
-
-        version = register(uri, summary.best_run_id, spec.tracking.register_as, path="best")
+        version = tracker.register_prompt(summary.best_run_id, spec.tracking.register_as, path="best")
         print(f"[ptv2] registered models:/{spec.tracking.register_as}/{version} (best trial)", flush=True)
-    tracking.end_run(uri, summary.run_id, "FINISHED", {metric: summary.best_value})
+    tracker.end(run_id, "FINISHED", {summary.metric: summary.best_value})
 
 
 def columns(summary: SweepSummary) -> list[str]:
@@ -374,12 +435,8 @@ def plot(summary: SweepSummary, spec: JobSpec):
     return fig
 
 
-def close_open_trials(uri: str, experiment: str, sweep_id: str, status: str) -> None:
+def close_open_trials(tracker: Tracker, experiment: str, sweep_id: str, status: str) -> None:
     """A stopped or failed sweep leaves no trial run marked as running."""
-    c = tracking.client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    if exp is None:
-        return
-    for run in c.search_runs([exp.experiment_id], filter_string=f"tags.`ptv2.sweep_id` = '{sweep_id}'"):
-        if run.info.status == "RUNNING" and run.data.tags.get("ptv2.kind") != "sweep":
-            tracking.end_run(uri, run.info.run_id, status)
+    for run in tracker.runs(experiment, sweep_id=sweep_id):
+        if run.status == "RUNNING" and not run.is_sweep:
+            tracker.end(run.run_id, status)

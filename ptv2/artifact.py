@@ -26,14 +26,17 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ptv2 import fingerprint as fp
-from ptv2.model import PromptedModel
 from ptv2.prefix import Geometry, PromptConfig, build_prompt_module
+
+if TYPE_CHECKING:
+    from ptv2.model import PromptedModel
 
 FORMAT = "ptv2-prompt/1"
 MANIFEST = "manifest.json"
@@ -287,6 +290,8 @@ def load_prompt(prompt_dir: str | Path, base, *, trainable: bool = False) -> Pro
     if not trainable:  # the folded prompt is a plain table: no MLP, no dropout, and no init
         # forward through the base model (its tensors are loaded next)
         prompt_cfg = PromptConfig(method=prompt_cfg.method, length=prompt_cfg.length, init="normal")
+    from ptv2.model import PromptedModel  # transformers: only where a model is built (not to read a manifest)
+
     model = PromptedModel(base, prompt_cfg, manifest["task"], trainable_head=manifest["head"])
     load_tensors(model, d / (RAW if trainable else FOLDED))
     # artifacts written before the manifest had "data" have neither

@@ -12,24 +12,30 @@ when the marker of every rank is there and every file matches its checksum: a ra
 mid-upload, or a truncated or corrupted file, makes it incomplete and the previous one is used.
 How the files reach storage is the `Checkpoints.commit` step: a plain copy here (torchrun, a
 single process), `ray.train.report` under Ray Train (launcher/runner.py).
+
+Whoever can write to storage could plant files that DeepSpeed unpickles on resume, and rewrite the
+markers to match. So a job run by the service also records each checkpoint's digest (over every
+rank's marker) in its MLflow run, another trust domain, and a resume loads only a checkpoint whose
+markers match that record (`restore(trusted=...)`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from ptv2 import storage
 from ptv2.artifact import sha256_file
-from ptv2.distributed import barrier
+from ptv2.distributed import all_gather, barrier, broadcast
 
 STATE = "state.json"
 DS_TAG = "ds"
@@ -78,15 +84,47 @@ def set_rng_tensors(t: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+# ---- the loop's state ----------------------------------------------------------------------
+@dataclass
+class RunState:
+    """Where a training run stands: what a checkpoint's state.json holds besides DeepSpeed's files."""
+
+    step: int = 0
+    best: float | None = None  # the best value of the task's primary metric so far
+    best_step: int | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunState:
+        values = json.loads(text)
+        return cls(**{k: v for k, v in values.items() if k in {f.name for f in fields(cls)}})
+
+
+class CheckpointError(ValueError):
+    """A resume that cannot be done as asked (no checkpoint to trust); no retry can fix it."""
+
+
+@dataclass(frozen=True)
+class Saved:
+    """A checkpoint every rank has committed: its name, where it is, and the digest of its markers
+    (record it elsewhere to trust it later: `Checkpoints.restore(trusted=...)`)."""
+
+    name: str
+    location: str
+    digest: str
+
+
 # ---- one checkpoint in a local folder -------------------------------------------------------
-def save_local(engine, folder: Path, step: int, state: dict, rank: int, world: int) -> Path:
+def save_local(engine, folder: Path, step: int, state: RunState, rank: int, world: int) -> Path:
     """Collective. This rank's share of checkpoint `step` in `folder` (its own, local), its
     marker written last. Frozen weights are not saved: they come from the base model."""
     folder.mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(folder), tag=DS_TAG, client_state={}, save_latest=False, exclude_frozen_parameters=True)
     save_file(rng_tensors(), folder / f"rng-rank{rank}.safetensors")
     if rank == 0:
-        (folder / STATE).write_text(json.dumps(state, indent=2))
+        (folder / STATE).write_text(state.to_json())
     files = {
         str(p.relative_to(folder)): sha256_file(p)
         for p in sorted(folder.rglob("*"))
@@ -97,12 +135,25 @@ def save_local(engine, folder: Path, step: int, state: dict, rank: int, world: i
     return folder
 
 
-def verify(folder: Path, world: int) -> str | None:
-    """None when `folder` holds a complete, intact checkpoint of `world` ranks; else why not."""
+def markers_digest(marker_sha256s: list[str]) -> str:
+    """One digest for a checkpoint: over the sha256 of every rank's marker, in rank order (each
+    marker holds the sha256 of every file its rank wrote)."""
+    return hashlib.sha256("\n".join(f"{r}:{s}" for r, s in enumerate(marker_sha256s)).encode()).hexdigest()
+
+
+def verify(folder: Path, world: int, trusted: str | None | bool = False) -> str | None:
+    """None when `folder` holds a complete, intact checkpoint of `world` ranks; else why not.
+    `trusted`: the markers' digest recorded when the checkpoint was saved (None: none was), or
+    False to check the files against the markers alone."""
     markers = {int(m.group(1)): p for p in folder.glob("COMPLETE-rank*.json") if (m := _MARKER.fullmatch(p.name))}
     missing = sorted(set(range(world)) - set(markers))
     if missing:
         return f"incomplete (no marker from rank(s) {', '.join(map(str, missing))})"
+    if trusted is not False:
+        if trusted is None:
+            return "not recorded in the job's MLflow run (a save that did not finish, or files this job did not write)"
+        if markers_digest([sha256_file(markers[r]) for r in range(world)]) != trusted:
+            return "its files differ from what the job's MLflow run recorded at its save (changed in storage since)"
     for rank in range(world):
         try:
             marker = json.loads(markers[rank].read_text())
@@ -122,36 +173,31 @@ def verify(folder: Path, world: int) -> str | None:
     return None
 
 
-def load_local(engine, folder: Path, rank: int) -> dict:
-    """Collective. Restores DeepSpeed's state and this rank's RNG; returns state.json."""
+def load_local(engine, folder: Path, rank: int) -> RunState:
+    """Collective. Restores DeepSpeed's state and this rank's RNG; returns the run's state."""
     engine.load_checkpoint(
         str(folder), tag=DS_TAG, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     rng = folder / f"rng-rank{rank}.safetensors"
     if rng.is_file():
         set_rng_tensors(load_file(rng))
-    return json.loads((folder / STATE).read_text())
-
-
-def _broadcast(value: str | None) -> str | None:
-    box = [value]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return RunState.from_json((folder / STATE).read_text())
 
 
 # ---- checkpoints of a job in storage --------------------------------------------------------
 class Checkpoints:
     """The checkpoints of one job under `location` (a path or URI): save, find, restore."""
 
-    def __init__(self, location: str, keep: int = 2) -> None:
+    def __init__(self, location: str, keep: int = 2, trusted: Callable[[], Mapping[str, str]] | None = None) -> None:
+        """`trusted`: where a resume reads the digests recorded when each checkpoint was saved
+        (checkpoint name -> digest); None trusts whatever storage holds."""
         self.location = storage.normalize(location)
-        self.keep = keep
+        self.keep, self.trusted = keep, trusted
 
     def names(self) -> list[str]:
         return [n for n in storage.listdir(self.location) if re.fullmatch(r"step-\d{8}", n)]
 
-    def commit(self, folder: Path, name: str, metrics: dict, rank: int) -> None:
+    def commit(self, folder: Path, name: str, rank: int) -> None:
         """Send this rank's files to storage; the marker goes last, so a rank that dies
         mid-upload leaves the checkpoint incomplete. Collective."""
         target = storage.join(self.location, name)
@@ -174,41 +220,59 @@ class Checkpoints:
     def join(self, name: str) -> str:
         return storage.join(self.location, name)
 
-    def save(self, engine, scratch: Path, step: int, state: dict, metrics: dict, rank: int, world: int) -> str:
-        """Collective: every rank writes its share locally and commits it; returns the name."""
+    def save(self, engine, scratch: Path, step: int, state: RunState, rank: int, world: int) -> Saved:
+        """Collective: every rank writes its share locally and commits it."""
         name = tag(step)
         folder = scratch / "checkpoint-out" / name
         save_local(engine, folder, step, state, rank, world)
+        digest = markers_digest(all_gather(sha256_file(folder / marker_name(rank))))
         try:
-            self.commit(folder, name, metrics, rank)
+            self.commit(folder, name, rank)
         finally:
             storage.remove_scratch(folder)
-        return name
+        return Saved(name, self.join(name), digest)
 
-    def restore(self, engine, scratch: Path, rank: int, world: int, log: Callable[[str], None]) -> dict | None:
-        """Collective. Load the newest complete checkpoint (skipping, with a reason, any that
-        is not) and return its state, or None when there is none to resume from."""
+    def restore(
+        self,
+        engine,
+        scratch: Path,
+        rank: int,
+        world: int,
+        log: Callable[[str], None],
+        required: bool = False,
+    ) -> RunState | None:
+        """Collective. Load the newest checkpoint that is complete and intact (and, with `trusted`,
+        matches the digest recorded at its save, in another trust domain than storage: nothing
+        else is loaded, DeepSpeed unpickles its files) and return its state; skip, with the reason,
+        any that is not. None when there is none, unless `required` (an explicit resume): then
+        CheckpointError says why each one was refused."""
         candidates = self.names()
         local = scratch / "checkpoint-in"
-        chosen = None
+        chosen, refused, digest = None, [], None
         if rank == 0:
+            digests = dict(self.trusted()) if self.trusted is not None else None
             for name in reversed(candidates):
                 folder = storage.download(self.join(name), local / name)
-                problem = verify(folder, world)
+                problem = verify(folder, world, False if digests is None else digests.get(name))
                 if problem is None:
                     chosen = name
+                    digest = markers_digest([sha256_file(folder / marker_name(r)) for r in range(world)])
                     break
+                refused.append(f"{name}: {problem}")
                 log(f"skipping checkpoint {name}: {problem}")
                 storage.remove_scratch(folder)
-            if candidates and chosen is None:
+            if candidates and chosen is None and not required:
                 log("no complete checkpoint: starting from the beginning")
-        chosen = _broadcast(chosen)
+        chosen, refused, digest = broadcast((chosen, refused, digest))
         if chosen is None:
+            if required:
+                why = "; ".join(refused) if refused else f"{self.location} holds none"
+                raise CheckpointError(f"nothing to resume from: {why}")
             return None
         folder = local / chosen
         if rank != 0:
             storage.download(self.join(chosen), folder)
-            problem = verify(folder, world)
+            problem = verify(folder, world, digest)  # exactly what rank 0 checked
             if problem is not None:  # storage changed under us: no retry can fix that
                 raise storage.StorageError(f"checkpoint {self.join(chosen)} changed while loading: {problem}")
         try:
@@ -216,5 +280,5 @@ class Checkpoints:
         finally:
             barrier()
             storage.remove_scratch(local)
-        log(f"resumed from checkpoint {chosen} (step {state['step']})")
+        log(f"resumed from checkpoint {chosen} (step {state.step})")
         return state

@@ -16,9 +16,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,23 @@ def setup() -> Dist:
         acc.set_device(local_rank)
         device = torch.device(acc.device_name(local_rank))
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
+
+
+def all_gather(value: T) -> list[T]:
+    """Collective: every rank's `value` (any picklable object), in rank order; `[value]` alone."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, value)
+    return everyone
+
+
+def broadcast(value: T, src: int = 0) -> T:
+    """Collective: rank `src`'s `value` on every rank."""
+    box = [value]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:

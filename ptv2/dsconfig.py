@@ -11,10 +11,11 @@ import copy
 import json
 import math
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 
+from ptv2 import storage
 from ptv2.settings import TrainJob
 
 # Package data: ptv2/deepspeed_configs is a link to the repository's top-level folder, and a
@@ -184,6 +185,14 @@ class Choice:
     world_size: int
     zero3_settings: dict | None = None  # merged into the chosen ZeRO-3 file (before the overrides)
 
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Choice:
+        values = json.loads(text)
+        return cls(**{**values, "estimate": MemoryEstimate(**values["estimate"])})
+
     def info(self) -> dict:
         """Flat values for the run's start line and MLflow tags."""
 
@@ -251,6 +260,25 @@ def choose(
     return Choice("zero3_offload.json", words, est, device_bytes, host_bytes, world_size)
 
 
+# In the job's storage: what `auto` decided at the job's first start.
+CHOICE_FILE = "deepspeed-auto.json"
+
+
+def decide(job: TrainJob, dtype: str, memory: tuple[int, int], world_size: int, device_type: str, rank: int) -> Choice:
+    """What `auto` picks for `job`, decided once per job: at its first start from the numbers,
+    recorded in the job's storage (rank 0 writes it), then read back at every restart and resume.
+    Free memory differs from one start to the next, and a restart that chose another config would
+    look for DeepSpeed checkpoint files of another layout (and fail at every retry)."""
+    location = storage.join(job.storage, CHOICE_FILE)
+    if storage.is_file(location):
+        recorded = Choice.from_json(storage.read_bytes(location).decode())
+        return replace(recorded, reason=f"decided at the job's first start: {recorded.reason}")
+    choice = choose(estimate(job, dtype), *memory, world_size, device_type)
+    if rank == 0:
+        storage.write_bytes(location, choice.to_json().encode())
+    return choice
+
+
 def activation_bytes(
     config, micro_batch: int, tokens: int, bytes_per_value: int, checkpointing: bool, task: str
 ) -> int:
@@ -314,16 +342,13 @@ def memory_per_rank(device) -> tuple[int, int]:
     available, shared by the ranks on the same host. Collective when a process group exists."""
     import psutil
     import torch
-    import torch.distributed as dist
+
+    from ptv2.distributed import all_gather  # torch: only on the workers (`ptv2 validate` imports this module)
 
     host = socket.gethostname()
     available = psutil.virtual_memory().available
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    mine = (host, available, free)
-    everyone = [mine]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
+    everyone = all_gather((host, available, free))
     per_host: dict[str, int] = {}
     for h, _, _ in everyone:
         per_host[h] = per_host.get(h, 0) + 1

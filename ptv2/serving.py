@@ -22,6 +22,7 @@ mixed batches. No Ray or MLflow here: launcher/serve.py puts this behind Ray Ser
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import re
 import secrets
@@ -35,12 +36,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-from torch.func import functional_call
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from ptv2 import fingerprint as fp
 from ptv2.artifact import FOLDED, ArtifactError, check_base, data_settings, read_manifest
+from ptv2.errors import first_line
 from ptv2.infer import _pad_id, apply_template, label_scores, word_tags
 from ptv2.model import AUTO_CLASSES, HEAD_MODULES, TASKS
 from ptv2.prefix import Geometry, PrefixEncoder, PromptConfig, build_prompt_module
@@ -125,7 +126,8 @@ class ServedBase:
             self._params = {f"{model.base_model_prefix}.{n}": p for n, p in named}
         else:
             self._params = dict(named)
-        self._heads: dict[str, _HeadTemplate] = {}
+        self._heads: dict[tuple[str, int], _HeadTemplate] = {}
+        self._heads_lock = threading.Lock()  # prompts load on several threads
         # one forward at a time: batches from several callers must not interleave on the model
         self.lock = threading.Lock()
         # a fast tokenizer's Rust state is borrowed mutably by truncation settings: callers in
@@ -192,21 +194,21 @@ class ServedBase:
                 f"(fingerprint {actual['weights_sha256'][:12]}): {e}"
             ) from e
 
-    def head_template(self, task: str) -> _HeadTemplate:
-        """The task's head module, built once on the meta device and materialised empty: every
-        prompt supplies all of its weights through functional_call."""
-        if task not in self._heads:
-            config = copy.deepcopy(self.config)
-            config.num_labels = 2
-            with torch.device("meta"):
-                model = AUTO_CLASSES[task].from_config(config)
-            name = next((n for n in HEAD_MODULES if isinstance(getattr(model, n, None), nn.Module)), None)
-            if name is None:
-                raise ArtifactError(f"{type(model).__name__} has no head module among {', '.join(HEAD_MODULES)}")
-            module = getattr(model, name).to_empty(device=self.device).to(self.dtype).eval()
-            uses_pooler = getattr(model.base_model, "pooler", None) is not None
-            self._heads[task] = _HeadTemplate(name, module, uses_pooler)
-        return self._heads[task]
+    def head_template(self, task: str, num_labels: int) -> _HeadTemplate:
+        """The task's head module for `num_labels` as transformers builds it, on the meta device:
+        no weights of its own; each prompt gets a copy holding its weights (`_own`)."""
+        with self._heads_lock:
+            if (task, num_labels) not in self._heads:
+                config = copy.deepcopy(self.config)
+                config.num_labels = num_labels
+                with torch.device("meta"):
+                    model = AUTO_CLASSES[task].from_config(config)
+                name = next((n for n in HEAD_MODULES if isinstance(getattr(model, n, None), nn.Module)), None)
+                if name is None:
+                    raise ArtifactError(f"{type(model).__name__} has no head module among {', '.join(HEAD_MODULES)}")
+                uses_pooler = getattr(model.base_model, "pooler", None) is not None
+                self._heads[task, num_labels] = _HeadTemplate(name, getattr(model, name), uses_pooler)
+            return self._heads[task, num_labels]
 
     # ---- one batch ---------------------------------------------------------------------------------
     def batch_inputs(self, rows: Sequence[_Row], side: str) -> tuple[dict, Layout]:
@@ -288,6 +290,9 @@ class DeepPrefix:
     def input_embeds(self) -> torch.Tensor:
         raise AssertionError("a deep prefix has no input positions")
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"kv": self.kv}
+
     @property
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
@@ -308,6 +313,9 @@ class SoftPrompt:
     def input_embeds(self) -> torch.Tensor:
         return self.embeds
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"embeds": self.embeds}
+
     @property
     def nbytes(self) -> int:
         return self.embeds.numel() * self.embeds.element_size()
@@ -324,6 +332,9 @@ class NoPrompt:
 
     def input_embeds(self) -> torch.Tensor:
         raise AssertionError("no prompt has no input positions")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {}
 
 
 def _piece(config: PromptConfig, weight: torch.Tensor | None, base: ServedBase) -> DeepPrefix | SoftPrompt | NoPrompt:
@@ -342,35 +353,48 @@ def _split(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
     return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def _own(template: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A prompt's own copy of a head module holding `tensors` (all of them: strict). Never the
+    shared module with weights swapped in for a call (`torch.func.functional_call` does that, in
+    place): a batch runs heads outside the model's lock while another thread loads a prompt."""
+    module = copy.deepcopy(template)
+    module.load_state_dict(tensors, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
 class SequenceHead:
     """seq-cls: one label per input, from the first input position (encoders: BERT's pooler,
     RoBERTa's head read it) or the last real token (decoders, as PromptedModel)."""
 
     task = "seq-cls"
 
-    def __init__(self, base: ServedBase, tensors: dict[str, torch.Tensor]) -> None:
-        t = base.head_template(self.task)
+    def __init__(self, base: ServedBase, tensors: dict[str, torch.Tensor], num_labels: int) -> None:
+        t = base.head_template(self.task, num_labels)
+        self.name = t.name  # the head module's name in the task class ("classifier", "score")
         self.decoder = base.geometry.kind == "decoder"
-        self.module, self.params = t.module, _split(tensors, f"{t.name}.")
+        self.module = _own(t.module, _split(tensors, f"{t.name}."))
         pooler_prefix = f"{base.model.base_model_prefix}.pooler."
-        self.pooler, self.pooler_params = None, _split(tensors, pooler_prefix)
+        pooler = _split(tensors, pooler_prefix)
+        self.pooler = None
         if t.uses_pooler:
-            self.pooler = getattr(base.body, "pooler", None)
-            if self.pooler is None:
+            shared = getattr(base.body, "pooler", None)
+            if shared is None:
                 raise ArtifactError(f"{self.task} on {base.geometry.model_type} needs the pooler the served base lacks")
-        used = {f"{t.name}.{k}" for k in self.params} | {pooler_prefix + k for k in self.pooler_params}
+            # a pooler the prompt trained (its checkpoint had none) is the prompt's own; the base's
+            # is only read
+            self.pooler = _own(shared, pooler) if pooler else shared
+        used = {f"{t.name}.{k}" for k in _split(tensors, f"{t.name}.")} | {pooler_prefix + k for k in pooler}
         _refuse_other_tensors(tensors, used, self.task)
 
     def logits(self, hidden: torch.Tensor, layout: Layout, rows: list[int]) -> list[torch.Tensor]:
         pos = [layout.starts[i] + (layout.lengths[i] - 1 if self.decoder else 0) for i in rows]
         x = hidden[rows, pos]  # [n, hidden]
         if self.pooler is not None:  # BERT: pooler (reads position 0 of a sequence) -> classifier
-            x = functional_call(self.pooler, self.pooler_params, (x[:, None],), strict=False)
-            out = functional_call(self.module, self.params, (x,), strict=True)
+            out = self.module(self.pooler(x[:, None]))
         elif not self.decoder:  # RoBERTa's classification head reads position 0 itself
-            out = functional_call(self.module, self.params, (x[:, None],), strict=True)
+            out = self.module(x[:, None])
         else:
-            out = functional_call(self.module, self.params, (x,), strict=True)
+            out = self.module(x)
         return list(out)
 
 
@@ -379,14 +403,16 @@ class TokenHead:
 
     task = "token-cls"
 
-    def __init__(self, base: ServedBase, tensors: dict[str, torch.Tensor]) -> None:
-        t = base.head_template(self.task)
-        self.module, self.params = t.module, _split(tensors, f"{t.name}.")
-        _refuse_other_tensors(tensors, {f"{t.name}.{k}" for k in self.params}, self.task)
+    def __init__(self, base: ServedBase, tensors: dict[str, torch.Tensor], num_labels: int) -> None:
+        t = base.head_template(self.task, num_labels)
+        self.name = t.name
+        own = _split(tensors, f"{t.name}.")
+        self.module = _own(t.module, own)
+        _refuse_other_tensors(tensors, {f"{t.name}.{k}" for k in own}, self.task)
 
     def logits(self, hidden: torch.Tensor, layout: Layout, rows: list[int]) -> list[torch.Tensor]:
         spans = [hidden[i, layout.tokens(i)] for i in rows]
-        out = functional_call(self.module, self.params, (torch.cat(spans),), strict=True)
+        out = self.module(torch.cat(spans))
         return list(out.split([len(s) for s in spans]))
 
 
@@ -399,7 +425,9 @@ def _refuse_other_tensors(tensors: dict, used: set[str], task: str) -> None:
         )
 
 
-def _head(task: str, base: ServedBase, tensors: dict[str, torch.Tensor]) -> SequenceHead | TokenHead | None:
+def _head(
+    task: str, base: ServedBase, tensors: dict[str, torch.Tensor], num_labels: int
+) -> SequenceHead | TokenHead | None:
     if task == "causal-lm":
         if base.lm_head is None:
             raise ArtifactError("a causal-lm prompt needs a decoder with an LM head; the served base has none")
@@ -408,7 +436,10 @@ def _head(task: str, base: ServedBase, tensors: dict[str, torch.Tensor]) -> Sequ
     heads = {"seq-cls": SequenceHead, "token-cls": TokenHead}
     if task not in heads:
         raise ArtifactError(f"task {task!r} is not one of {', '.join(TASKS)}")
-    return heads[task](base, tensors)
+    try:
+        return heads[task](base, tensors, num_labels)
+    except RuntimeError as e:  # load_state_dict: tensors of other shapes or names
+        raise ArtifactError(f"the {task} head does not fit this base: {first_line(e)}") from e
 
 
 # ---- prompts and the bank ---------------------------------------------------------------------------
@@ -452,9 +483,9 @@ class LoadedPrompt:
             raise ArtifactError(f"{path / FOLDED}: the prompt table does not match length {config.length}")
         heads = {k.removeprefix("head."): v.to(device=base.device, dtype=base.dtype) for k, v in tensors.items()}
         piece = _piece(config, weight, base)
-        head = _head(task, base, heads)
-        if task != "causal-lm" and (not labels or len(labels) < 2):
+        if task != "causal-lm" and (not isinstance(labels, list) or len(labels) < 2):
             raise ArtifactError(f"{path}: a {task} prompt needs its label names in the manifest")
+        head = _head(task, base, heads, len(labels or []))
         data = data_settings(manifest, path)
         prompt = cls(
             name=name,
@@ -482,6 +513,21 @@ class LoadedPrompt:
             out = self.head.logits(zeros, layout, [0])
         if out[0].shape[-1] != len(self.labels):
             raise ArtifactError(f"{self.path}: the head gives {out[0].shape[-1]} scores for {len(self.labels)} labels")
+
+    def weights_sha256(self) -> str:
+        """A digest of the weights this prompt serves with now, as held in memory (its prompt and
+        its head's own modules): equal to a fresh load's unless something wrote into them."""
+        held = {f"prompt.{k}": v for k, v in self.piece.tensors().items()}
+        if self.head is not None:
+            held.update({f"head.{k}": v for k, v in self.head.module.state_dict().items()})
+            pooler = getattr(self.head, "pooler", None)
+            if pooler is not None:
+                held.update({f"pooler.{k}": v for k, v in pooler.state_dict().items()})
+        h = hashlib.sha256()
+        for name, tensor in sorted(held.items()):
+            h.update(name.encode() + str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+            h.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def describe(self) -> dict:
         return {
@@ -593,6 +639,7 @@ class Generation:
     finish_reason: str  # "stop" (end of sequence or a stop string) | "length"
     prompt_tokens: int
     token_ids: list[int] = field(default_factory=list)
+    error: str | None = None  # this row could not be continued (its batch went on without it)
 
 
 def _capacity(base: ServedBase, prompt: LoadedPrompt, cap: int | None) -> int:
@@ -666,9 +713,10 @@ def encode_generate(
         raise BadInput("empty input: generate needs a non-empty text")
     if max_new_tokens < 1:
         raise BadInput(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+    if not (0 <= temperature <= MAX_TEMPERATURE and 0 < top_p <= 1 and isinstance(top_k, int) and top_k >= 0):
         raise BadInput(
-            f"sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0 (got {temperature}, {top_p}, {top_k})"
+            f"sampling needs 0 <= temperature <= {MAX_TEMPERATURE:g}, 0 < top_p <= 1 and an integer top_k >= 0 "
+            f"(got {temperature}, {top_p}, {top_k})"
         )
     laid_out = text if raw else apply_template(prompt.template, [text])[0]
     ids = base.tokenize(laid_out)["input_ids"]
@@ -747,13 +795,19 @@ def predict(base: ServedBase, rows: Sequence[PredictRow]) -> list[dict]:
     return results
 
 
+# Below this temperature sampling is greedy decoding: dividing logits by ~1e-39 overflows them to
+# inf (and softmax to NaN), and anything this cold picks the argmax anyway (vLLM's threshold).
+GREEDY_BELOW = 1e-5
+MAX_TEMPERATURE = 10.0
+
+
 class _Sampler:
-    """A row's next-token choice: greedy at temperature 0, else temperature/top-k/top-p sampling
+    """A row's next-token choice: greedy at temperature ~0, else temperature/top-k/top-p sampling
     (transformers' own warpers) from the row's own seeded generator, so a row samples the same
     tokens whatever else shares its batch."""
 
     def __init__(self, row: GenerateRow, device: torch.device) -> None:
-        self.greedy = row.temperature == 0
+        self.greedy = row.temperature < GREEDY_BELOW
         self.warpers = []
         if not self.greedy:
             self.warpers.append(TemperatureLogitsWarper(row.temperature))
@@ -811,8 +865,12 @@ def generate(base: ServedBase, rows: Sequence[GenerateRow]) -> list[Generation]:
             logits = base.lm_head(hidden).float()
             keep, tokens = [], []
             for j, i in enumerate(active):
-                token = samplers[i](logits[j])
                 r = rows[i]
+                try:
+                    token = samplers[i](logits[j])
+                except Exception as e:  # this row alone fails: the batch goes on without it
+                    done[i] = Generation("", "error", len(r.ids), new[i], error=first_line(e))
+                    continue
                 reason = "stop" if token in eos else None
                 if reason is None:
                     new[i].append(token)

@@ -129,10 +129,16 @@ def read_bytes(location: str) -> bytes:
 
 
 def write_bytes(location: str, data: bytes) -> None:
+    """Write a (small) file whole: a reader finds the old content or the new, never a part (an
+    object store's PUT is atomic; a local or shared filesystem gets a temporary file renamed)."""
     fs, path = resolve(location)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
+    folder = path.rsplit("/", 1)[0]
+    fs.create_dir(folder, recursive=True)
+    target = path if not isinstance(fs, pafs.LocalFileSystem) else f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+    with fs.open_output_stream(target) as f:
         f.write(data)
+    if target != path:
+        fs.move(target, path)
 
 
 def upload(local_dir: str | Path, location: str) -> None:
@@ -181,7 +187,7 @@ def scratch(prefix: str = "ptv2-") -> Path:
     owner = process_owner()
     for old in root.glob(f"{prefix}{owner}-[0-9]*-*"):
         pid = old.name.removeprefix(f"{prefix}{owner}-").split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"{prefix}{owner}-{os.getpid()}-", dir=root))
 
@@ -198,7 +204,8 @@ def process_owner() -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (in this PID namespace)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

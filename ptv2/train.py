@@ -33,7 +33,7 @@ import yaml
 from ptv2 import dsconfig, storage
 from ptv2.artifact import MANIFEST, ArtifactError, collect_tensors, save_prompt
 from ptv2.callbacks import Callback, ConsoleLogger
-from ptv2.checkpoint import Checkpoints
+from ptv2.checkpoint import CheckpointError, Checkpoints, RunState
 from ptv2.data import IGNORE_INDEX, BatchStream, DataError, collator, first_tokens, load_examples
 from ptv2.distributed import Dist, all_sum, barrier, gathered, setup
 from ptv2.errors import first_line
@@ -201,9 +201,7 @@ def read_inputs(job: TrainJob, d: Dist) -> Inputs:
                     f"{need} exceed the {geometry.max_positions} positions {geometry.model_type} allows"
                 )
             dtype = resolve_dtype(m.dtype, d.device)
-            choice = (
-                dsconfig.choose(dsconfig.estimate(job, dtype), *memory, d.world_size, d.device.type) if auto else None
-            )
+            choice = dsconfig.decide(job, dtype, memory, d.world_size, d.device.type, d.rank) if auto else None
             ds_config = dsconfig.build(job, d.world_size, dtype, choice, d.device.type)
             tokenizer = AutoTokenizer.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
             tokenizer.padding_side = "right"
@@ -358,7 +356,7 @@ class Run:
     def __init__(self, job: TrainJob, callbacks: list[Callback], checkpoints: Checkpoints, d: Dist) -> None:
         self.job, self.callbacks, self.checkpoints, self.d = job, callbacks, checkpoints, d
         self.scratch = storage.scratch()
-        self.state = {"step": 0, "best": None, "best_step": None}
+        self.state = RunState()
         self.metrics: dict[str, float] = {}
         self.losses: list[float] = []
         self.best: str | None = None
@@ -372,10 +370,17 @@ class Run:
         if self.d.is_main:
             print(f"[ptv2] {message}", flush=True)
 
-    def resume(self, trainee: Trainee) -> None:
-        state = self.checkpoints.restore(trainee.engine, self.scratch, self.d.rank, self.d.world_size, self.log)
+    def resume(self, trainee: Trainee, required: bool) -> None:
+        """Continue from the newest checkpoint there is (`required`: an explicit resume, which
+        fails saying why when there is none to trust, rather than start again from step 0)."""
+        try:
+            state = self.checkpoints.restore(
+                trainee.engine, self.scratch, self.d.rank, self.d.world_size, self.log, required
+            )
+        except CheckpointError as e:  # every rank raises it (the choice was broadcast)
+            raise JobError(f"--resume: {e}") from e
         if state is not None:
-            self.state, self.resumed_from = state, state["step"]
+            self.state, self.resumed_from = state, state.step
         best = storage.join(self.job.storage, "best")
         self.best = best if storage.is_file(storage.join(best, MANIFEST)) else None
 
@@ -431,28 +436,27 @@ class Run:
             self.metrics = self.evaluate(trainee, inputs.validation, inputs)
             self.emit("on_eval", step, self.metrics)
             primary, mode = PRIMARY_METRIC[task]
-            value, best = self.metrics[primary], self.state["best"]
+            value, best = self.metrics[primary], self.state.best
             if (best is None or (value > best if mode == "max" else value < best)) and not t.train_base:
-                self.state["best"], self.state["best_step"] = value, step
+                self.state.best, self.state.best_step = value, step
                 self.best = self.write_artifact(trainee, inputs, "best", step)
         if t.checkpoint_every and step % t.checkpoint_every == 0 and step < trainee.total_steps:
-            name = self.checkpoints.save(
-                trainee.engine, self.scratch, step, self.state, self.metrics, self.d.rank, self.d.world_size
-            )
-            self.emit("on_checkpoint", step, self.checkpoints.join(name))
+            d = self.d
+            saved = self.checkpoints.save(trainee.engine, self.scratch, step, self.state, d.rank, d.world_size)
+            self.emit("on_checkpoint", step, saved.name, saved.location, saved.digest)
 
     def loop(self, trainee: Trainee, inputs: Inputs) -> None:
         t, d = self.job.train, self.d
         stream = BatchStream(inputs.train, t.micro_batch_size, d.rank, d.world_size, t.seed)
-        batches = map(inputs.collate, stream.from_micro(self.state["step"] * t.gradient_accumulation))
+        batches = map(inputs.collate, stream.from_micro(self.state.step * t.gradient_accumulation))
         trainee.engine.train()
-        t0, tokens_seen, start = time.time(), 0.0, self.state["step"]
+        t0, tokens_seen, start = time.time(), 0.0, self.state.step
         for step in range(start + 1, trainee.total_steps + 1):
             loss, tokens = train_step(
                 trainee, [next(batches) for _ in range(t.gradient_accumulation)], self.job.model.task, d
             )
             tokens_seen += tokens
-            self.state["step"] = step
+            self.state.step = step
             if step % t.log_every == 0 or step == trainee.total_steps:
                 self.losses.append(loss)
                 self.emit(
@@ -463,7 +467,7 @@ class Run:
             self.after_step(trainee, inputs, step)
 
     def step_metrics(self, trainee: Trainee, loss: float, tokens: float, elapsed: float, done: int, stream) -> dict:
-        step = self.state["step"]
+        step = self.state.step
         metrics = {
             "loss": loss,
             "lr": trainee.scheduler.get_last_lr()[0],
@@ -506,9 +510,12 @@ def train(
     callbacks: Sequence[Callback] | None = None,
     checkpoints: Checkpoints | None = None,
     d: Dist | None = None,
+    resume: bool = False,
 ) -> TrainResult:
     """Train `job` on this rank (every rank calls it). `checkpoints` decides how checkpoints
-    reach storage (default: copied to `<job.storage>/checkpoints`; Ray Train passes its own)."""
+    reach storage (default: copied to `<job.storage>/checkpoints`; Ray Train passes its own).
+    The newest usable checkpoint is always resumed from; `resume` (an explicit resume) fails,
+    saying why, when there is none rather than start from step 0."""
     warnings.filterwarnings(
         "ignore", category=FutureWarning, module="torch.distributed"
     )  # DeepSpeed 0.19 on torch 2.13
@@ -525,7 +532,7 @@ def train(
         inputs = read_inputs(job, d)
         run.log(f"loading the frozen model {job.model.name_or_path} ({len(inputs.train):,} training examples)")
         trainee = build_trainee(job, inputs, d)
-        run.resume(trainee)
+        run.resume(trainee, required=resume)
         run.emit("on_train_start", trainee.info)
         run.loop(trainee, inputs)
         artifact = run.finish(trainee, inputs)

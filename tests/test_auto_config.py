@@ -140,6 +140,21 @@ def test_auto_builds_the_chosen_file_with_the_overrides_on_top(tmp_path):
         dsconfig.validate(bad, 2)
 
 
+def test_auto_is_decided_at_the_jobs_first_start_and_kept_on_every_restart(tmp_path):
+    """A restart (Ray's, after a lost worker) or a resume finds other free memory: it must keep
+    the config the job started with, whose DeepSpeed checkpoint files it will look for."""
+    job = _job(tmp_path).model_copy(update={"storage": str(tmp_path / "runs" / "job-1")})
+    plenty, scarce = (64 * GIB, 64 * GIB), (2**20, 2**20)
+    first = dsconfig.decide(job, "float32", plenty, 2, "cpu", rank=0)
+    assert first.config == "replicated.json"
+    assert json.loads((tmp_path / "runs" / "job-1" / dsconfig.CHOICE_FILE).read_text())["config"] == "replicated.json"
+    again = dsconfig.decide(job, "float32", scarce, 2, "cpu", rank=1)  # a restart on a machine with less free
+    assert again.config == "replicated.json" and again.zero3_settings is None
+    assert again.reason.startswith("decided at the job's first start: ") and again.info()["auto_device_gib"] == 64
+    other = job.model_copy(update={"storage": str(tmp_path / "runs" / "job-2")})
+    assert dsconfig.decide(other, "float32", scarce, 2, "cpu", rank=0).config == "zero3.json"  # a new job decides anew
+
+
 def test_ptv2_validate_accepts_auto(tmp_path):
     from launcher.spec import SpecError, load_spec
 

@@ -81,13 +81,13 @@ def cluster(s3, tmp_path_factory):
     c.wait_for_nodes()
     from ray.job_submission import JobSubmissionClient
 
-    from launcher.cli import _auth_headers
+    from launcher.jobs_client import auth_headers
 
     address = f"http://127.0.0.1:{port}"
 
     def jobs_api_up() -> bool:  # the head's job agent takes a while to register after start
         try:
-            probe = JobSubmissionClient(address, headers=_auth_headers()).submit_job(entrypoint="true")
+            probe = JobSubmissionClient(address, headers=auth_headers()).submit_job(entrypoint="true")
         except Exception:  # not answering yet, or "No available agent"
             return False
         return bool(probe)
@@ -194,9 +194,9 @@ def test_a_job_survives_losing_a_node_and_resumes_from_the_object_store(tmp_path
 
     from ray.job_submission import JobSubmissionClient
 
-    from launcher.cli import _auth_headers
+    from launcher.jobs_client import auth_headers
 
-    jobs = JobSubmissionClient(address, headers=_auth_headers())  # in-process: polls must be quick
+    jobs = JobSubmissionClient(address, headers=auth_headers())  # in-process: polls must be quick
     job_logs = lambda: jobs.get_job_logs(job_id)[-6000:]  # noqa: E731
 
     # rank 1's node, from the job's own log; then the first checkpoint every rank reported
@@ -277,7 +277,7 @@ def test_a_stopped_job_resumes_in_its_own_run(tmp_path, s3, mlflow_server, clust
     import mlflow
     from ray.job_submission import JobSubmissionClient
 
-    from launcher.cli import _auth_headers
+    from launcher.jobs_client import auth_headers
 
     _, address, _, _ = cluster
     spec = _spec(tmp_path, mlflow_server)
@@ -287,7 +287,7 @@ def test_a_stopped_job_resumes_in_its_own_run(tmp_path, s3, mlflow_server, clust
     proc = _ptv2(["submit", str(spec), "--address", address], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     job_id = proc.stdout.strip().splitlines()[-1]
-    jobs = JobSubmissionClient(address, headers=_auth_headers())
+    jobs = JobSubmissionClient(address, headers=auth_headers())
     snapshot = f"jobs/{job_id}/checkpoints/checkpoint_manager_snapshot.json"
     _wait(
         lambda: snapshot in _keys(s3, snapshot),
@@ -297,7 +297,7 @@ def test_a_stopped_job_resumes_in_its_own_run(tmp_path, s3, mlflow_server, clust
     )
 
     proc = _ptv2(["stop", job_id, "--address", address], tmp_path)
-    assert proc.returncode == 0 and "stopping" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and f"{job_id}: stopped" in proc.stdout, proc.stderr
     client = mlflow.MlflowClient(mlflow_server)
     [run] = client.search_runs([client.get_experiment_by_name("stopped").experiment_id])
     assert run.info.status == "KILLED" and str(jobs.get_job_status(job_id)) in ("STOPPED", "JobStatus.STOPPED")

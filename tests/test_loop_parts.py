@@ -412,6 +412,65 @@ def test_a_checkpoint_counts_only_with_every_ranks_intact_files(tmp_path):
     assert checkpoint.verify(tmp_path, 2) == "incomplete (no marker from rank(s) 1)"
 
 
+def _fake_checkpoint(folder, world: int, step: int = 4) -> str:
+    """A checkpoint's files as `world` ranks write them (a stand-in optimizer shard each); returns
+    the digest of its markers, as the job's MLflow run records it at the save."""
+    import json as js
+
+    folder.mkdir(parents=True)
+    (folder / checkpoint.STATE).write_text(checkpoint.RunState(step=step).to_json())
+    shas = []
+    for rank in range(world):
+        shard = folder / "ds" / f"optim_states_rank{rank}.pt"
+        shard.parent.mkdir(exist_ok=True)
+        shard.write_bytes(b"pickled optimizer state %d" % rank)
+        files = {f"ds/{shard.name}": checkpoint.sha256_file(shard)}
+        if rank == 0:
+            files[checkpoint.STATE] = checkpoint.sha256_file(folder / checkpoint.STATE)
+        marker = folder / checkpoint.marker_name(rank)
+        marker.write_text(js.dumps({"step": step, "rank": rank, "world_size": world, "files": files}))
+        shas.append(checkpoint.sha256_file(marker))
+    return checkpoint.markers_digest(shas)
+
+
+class _NeverLoad:
+    """A DeepSpeed engine stand-in: loading anything fails the test (nothing may be unpickled)."""
+
+    def load_checkpoint(self, *args, **kwargs):
+        raise AssertionError("a checkpoint was loaded")
+
+
+def test_a_resume_loads_only_what_the_runs_record_trusts_and_an_explicit_one_says_why_not(tmp_path):
+    """Whoever writes to storage can rewrite a shard and its marker to match: the digest MLflow
+    recorded at the save still differs, so the checkpoint is refused before DeepSpeed unpickles
+    anything. An explicit resume with nothing to trust fails naming each checkpoint's reason
+    instead of starting again from step 0; a plain (automatic) one starts from the beginning."""
+    store = tmp_path / "checkpoints"
+    recorded = {"step-00000004": _fake_checkpoint(store / "step-00000004", 2)}
+    _fake_checkpoint(store / "step-00000008", 1, step=8)  # written by 1 rank: this run has 2
+    shard = store / "step-00000004" / "ds" / "optim_states_rank1.pt"
+    shard.write_bytes(b"planted code")
+    marker = store / "step-00000004" / checkpoint.marker_name(1)
+    forged = json.loads(marker.read_text())
+    forged["files"][f"ds/{shard.name}"] = checkpoint.sha256_file(shard)
+    marker.write_text(json.dumps(forged))
+    assert checkpoint.verify(store / "step-00000004", 2) is None  # the files match the (forged) markers
+    lines = []
+    cps = checkpoint.Checkpoints(str(store), trusted=lambda: recorded)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        cps.restore(_NeverLoad(), tmp_path / "scratch", 0, 2, lines.append, required=True)
+    assert str(e.value) == (
+        "nothing to resume from: step-00000008: incomplete (no marker from rank(s) 1); step-00000004: its files "
+        "differ from what the job's MLflow run recorded at its save (changed in storage since)"
+    )
+    assert cps.restore(_NeverLoad(), tmp_path / "scratch", 0, 2, lines.append) is None
+    assert lines[-1] == "no complete checkpoint: starting from the beginning"
+    assert checkpoint.verify(store / "step-00000004", 1) == "written by 2 ranks, this run has 1"
+    assert "not recorded in the job's MLflow run" in checkpoint.verify(store / "step-00000008", 1, trusted=None)
+    with pytest.raises(checkpoint.CheckpointError, match=f"nothing to resume from: {tmp_path / 'none'} holds none"):
+        checkpoint.Checkpoints(str(tmp_path / "none")).restore(_NeverLoad(), tmp_path, 0, 1, print, required=True)
+
+
 def test_text_that_tokenizes_to_nothing_is_a_bad_row(tmp_path):
     """A tokenizer that does not fit the data must stop the job before training, not train on
     empty sequences (a tokenizer that drops every character stands in for it)."""

@@ -110,6 +110,33 @@ def test_a_stopped_job_resumes_in_the_same_run(tmp_path, home, capfd):
     assert runs[0].info.status == "FINISHED" and "ptv2.error" not in runs[0].data.tags
     assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}) == list(range(1, 9))
 
+    # around the happy path (all refused before Ray starts): a finished job is not resumed unless
+    # forced, and never once its prompt is registered, whose bytes stay as they were; a job whose
+    # run is RUNNING under a live driver (this process) is not resumed: two drivers, one storage
+    from launcher.prompts import fetch
+    from launcher.runner import JobFailed, this_driver
+    from ptv2.artifact import sha256_file
+    from ptv2.tracking import Tracker
+
+    with pytest.raises(JobFailed, match="the job finished; resuming trains again and replaces its prompt"):
+        run_spec(spec, "", job_id="tiny-stopped", resume=True)
+    tracker = Tracker(None)
+    assert tracker.register_prompt(run.info.run_id, "stopped") == "1"
+    before = fetch(None, "models:/stopped/1", tmp_path / "v1")["files"]
+    with pytest.raises(JobFailed, match=r"finished and its prompt is registered \(models:/stopped/1\)"):
+        run_spec(spec, "", job_id="tiny-stopped", resume=True, force=True)
+    after = fetch(None, "models:/stopped/1", tmp_path / "v1-again")["files"]
+    assert after == before == {f: sha256_file(tmp_path / "v1" / f) for f in before}
+    tracker.reopen(run.info.run_id, this_driver())
+    with pytest.raises(JobFailed, match="the job is running .* stop it first"):
+        run_spec(spec, "", job_id="tiny-stopped", resume=True)
+    tracker.end(run.info.run_id, "FINISHED")
+    # a new job never writes into another job's folder; ids are checked before any use
+    with pytest.raises(JobFailed, match="already holds a job's files"):
+        run_spec(spec, "", job_id="tiny-stopped")
+    with pytest.raises(JobFailed, match="job id '../x' is not valid"):
+        run_spec(spec, "", job_id="../x", resume=True)
+
 
 def test_a_bad_row_fails_fast_without_retries(tmp_path, home, capfd):
     from launcher.runner import JobFailed, run_spec

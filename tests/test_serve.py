@@ -37,13 +37,16 @@ TEXTS = ["w1 w2 w3", "w5", "w7 w8 w9 w10 w11 w12", "w4 w4 w9", "w3 w60", "w11 w1
 TEMPLATE = "w30 {prompt} w31"
 
 
-def call(url: str, path: str, body=None, token: str | None = TOKEN, raw: bytes | None = None, headers=None):
+def call(
+    url: str, path: str, body=None, token: str | None = TOKEN, raw: bytes | None = None, headers=None, method=None
+):
     """(status, JSON body) of one request; errors are answers too."""
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     h = {"Content-Type": "application/json", **(headers or {})}
     if token:
         h["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(url + path, data=data, headers=h, method="POST" if data is not None else "GET")
+    method = method or ("POST" if data is not None else "GET")
+    req = urllib.request.Request(url + path, data=data, headers=h, method=method)
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             status, text = r.status, r.read()
@@ -59,10 +62,10 @@ class Registry:
     """A sqlite MLflow store with prompts logged to runs and registered (what `ptv2 run` does)."""
 
     def __init__(self, d: Path) -> None:
-        from ptv2 import tracking
+        from ptv2.tracking import Tracker
 
         self.uri = f"sqlite:///{d / 'mlflow.db'}"
-        self.client = tracking.client(self.uri)
+        self.client = Tracker(self.uri).client
         self.exp = self.client.create_experiment("serve", artifact_location=(d / "artifacts").as_uri())
 
     def log(self, prompt_dir: Path) -> str:
@@ -95,7 +98,9 @@ def server():
     base = save_base(d / "base", "llama")
     prompts = {
         "cls": make_prompt(d / "cls", base, "seq-cls", "ptv2", 3, seed=1),
+        "cls-b": make_prompt(d / "cls-b", base, "seq-cls", "ptv2", 6, seed=7),
         "tag": make_prompt(d / "tag", base, "token-cls", "ptv2", 2, seed=2),
+        "tag-b": make_prompt(d / "tag-b", base, "token-cls", "ptv2", 5, seed=8),
         "chat": make_prompt(d / "chat-v1", base, "causal-lm", "ptv2", 5, seed=3, template=TEMPLATE),
         "chat-v2": make_prompt(d / "chat-v2", base, "causal-lm", "ptv2", 6, seed=4, template=TEMPLATE),
         "soft": make_prompt(d / "soft", base, "causal-lm", "prompt-tuning", 4, seed=5),
@@ -117,6 +122,7 @@ def server():
         "TRANSFORMERS_VERBOSITY": "error",
     }
     args = ["--prompt", f"cls={prompts['cls']}", "--prompt", f"tag={prompts['tag']}"]
+    args += ["--prompt", f"cls-b={prompts['cls-b']}", "--prompt", f"tag-b={prompts['tag-b']}"]
     args += ["--prompt", "chat=models:/chat@prod", "--prompt", f"soft={soft_run}"]
     args += ["--tracking-uri", registry.uri, "--port", str(port), "--token-file", str(d / "token")]
     args += ["--max-batch-size", "8", "--batch-wait-ms", "30", "--refresh-s", "0", "--max-new-tokens", "64"]
@@ -162,7 +168,7 @@ def expected(server):
     tok = tiny_tokenizer()
     p, base = server["prompts"], server["base"]
     out = {}
-    for name in ("cls", "tag"):
+    for name in ("cls", "tag", "cls-b", "tag-b"):
         model = alone(p[name], base)
         out[name] = {t: predict_alone(model, tok, [t])[0] for t in TEXTS}
     for name in ("chat", "chat-v2", "soft"):
@@ -185,13 +191,13 @@ def _good_requests():
 
 def _check(expected, name, text, status, body, chat="chat"):
     assert status == 200, body
-    if name == "cls":
-        want = expected["cls"][text]
+    if name.startswith("cls"):
+        want = expected[name][text]
         got = body["results"][0]
         assert got["label"] == want["label"]
         assert got["scores"] == pytest.approx(want["scores"], abs=1e-5)
-    elif name == "tag":
-        want = expected["tag"][text]
+    elif name.startswith("tag"):
+        want = expected[name][text]
         assert body["results"][0]["tags"] == want["tags"] and body["results"][0]["tokens"] == want["tokens"]
     elif name == "chat":
         assert body["results"][0]["output"] == expected[chat][text]
@@ -336,6 +342,116 @@ def test_hostile_requests_mixed_with_good_ones_get_4xx_and_the_server_keeps_serv
         _check(expected, name, text, *call(url, path, body), chat=chat)
 
 
+def _weights(url: str) -> dict[str, str]:
+    return {p["name"]: p.get("weights_sha256") for p in call(url, "/v1/prompts")[1]["prompts"] if p["loaded"]}
+
+
+def test_stress_mixed_traffic_while_prompts_come_and_go_and_hostile_bodies_arrive(server, expected):
+    """For a bounded time: threads send mixed predict/generate requests for prompts of every task
+    and two prefix lengths, one adds, replaces and removes a prompt and moves a registry alias,
+    one sends hostile bodies. Every good answer equals its prompt alone; every bad one is a 4xx
+    that names the problem; nothing is a 5xx; afterwards every prompt the server holds has exactly
+    the weights a fresh load of its artifact has."""
+    import random
+
+    from ptv2 import serving as sv
+
+    url, registry, p = server["url"], server["registry"], server["prompts"]
+    listed = {x["name"]: x for x in call(url, "/v1/prompts")[1]["prompts"]}
+    chat_now = {"v": "chat" if listed["chat"]["length"] == 5 else "chat-v2"}  # the alias test may have moved it
+    deadline = time.monotonic() + 20
+    problems: list = []
+
+    def traffic(seed: int) -> int:
+        rng, n = random.Random(seed), 0
+        while time.monotonic() < deadline:
+            t = rng.choice(TEXTS)
+            kind = rng.choice(["cls", "cls-b", "tag", "tag-b", "chat", "soft", "temp", "swap"])
+            if kind in ("cls", "cls-b", "tag", "tag-b"):
+                status, body = call(url, "/v1/predict", {"prompt": kind, "input": t})
+                try:
+                    _check(expected, kind, t, status, body)
+                except AssertionError as e:
+                    problems.append((kind, t, str(e)[:300]))
+            elif kind in ("chat", "temp"):
+                body = {"prompt": "chat", "input": t, "max_new_tokens": 8}
+                if kind == "temp":
+                    body["temperature"] = 1e-39  # as cold as it gets: greedy
+                status, out = call(url, "/v1/generate", body)
+                if status != 200 or out["results"][0]["output"] not in (expected["chat"][t], expected["chat-v2"][t]):
+                    problems.append((kind, t, status, out))
+            elif kind == "soft":
+                body = {"model": "soft", "prompt": t, "max_tokens": 8, "temperature": 0}
+                try:
+                    _check(expected, "soft", t, *call(url, "/v1/completions", body))
+                except AssertionError as e:
+                    problems.append((kind, t, str(e)[:300]))
+            else:  # the prompt the admin thread replaces and removes: one of its versions, or gone
+                status, body = call(url, "/v1/predict", {"prompt": "swap", "input": t})
+                if status == 404 and "no prompt 'swap'" in body["error"]["message"]:
+                    pass
+                elif status != 200 or body["results"][0]["label"] not in (
+                    expected["cls"][t]["label"],
+                    expected["cls-b"][t]["label"],
+                ):
+                    problems.append((kind, t, status, body))
+            n += 1
+        return n
+
+    def admin() -> int:
+        n = 0
+        while time.monotonic() < deadline:
+            for source in ("cls", "cls-b"):
+                status, body = call(url, "/v1/prompts", {"name": "swap", "source": str(p[source])})
+                if status != 201:
+                    problems.append(("add", status, body))
+            status, body = call(url, "/v1/prompts/swap", method="DELETE")
+            if status != 200:
+                problems.append(("remove", status, body))
+            version = registry.register(p[chat_now["v"]], "chat", "prod")  # the same weights again
+            status, body = call(url, "/v1/prompts/refresh", {})
+            if status != 200 or any("error" in c for c in body["changes"]):
+                problems.append(("refresh", version, status, body))
+            n += 1
+        return n
+
+    hostile = [
+        (422, {"prompt": "chat", "input": "w1", "temperature": 1e9}, "temperature"),
+        (422, b'{"prompt": "chat", "input": "w1", "temperature": NaN}', "temperature"),
+        (422, b'{"prompt": "chat", "input": "w1", "top_p": Infinity}', "top_p"),
+        (422, {"prompt": "chat", "input": "w1", "top_k": -1}, "top_k"),
+        (413, {"prompt": "chat", "input": " ".join(["w5"] * 300)}, "tokens"),
+        (400, {"prompt": "cls", "input": "w1"}, "generate needs causal-lm"),
+        (404, {"prompt": "ghost", "input": "w1"}, "no prompt 'ghost'"),
+    ]
+
+    def attacker() -> int:
+        n = 0
+        while time.monotonic() < deadline:
+            for want, body, words in hostile:
+                if isinstance(body, bytes):
+                    status, answer = call(url, "/v1/generate", raw=body)
+                else:
+                    status, answer = call(url, "/v1/generate", body)
+                if status != want or words not in json.dumps(answer):
+                    problems.append(("hostile", want, status, answer))
+                n += 1
+        return n
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(traffic, s) for s in range(5)] + [pool.submit(admin), pool.submit(attacker)]
+        counts = [f.result() for f in futures]
+    assert not problems, problems[:5]
+    assert min(counts) > 0 and sum(counts[:5]) > 50, counts
+    # what the server holds now equals a fresh load of each artifact, bit for bit
+    served = sv.ServedBase.load(server["base"], tokenizer=tiny_tokenizer())
+    held = _weights(url)
+    for name in ("cls", "cls-b", "tag", "tag-b", "soft"):
+        assert held[name] == sv.LoadedPrompt.load(served, name, p[name]).weights_sha256(), name
+    assert held["chat"] == sv.LoadedPrompt.load(served, "chat", p[chat_now["v"]]).weights_sha256()
+    assert server["proc"].poll() is None and call(url, "/health", token=None)[0] == 200
+
+
 def test_the_model_queue_fills_batches_while_the_model_computes():
     """Requests that arrive while a batch computes all go into the next forward (whole requests,
     up to max_rows); an error reaches that batch's callers and the queue goes on."""
@@ -363,8 +479,103 @@ def test_the_model_queue_fills_batches_while_the_model_computes():
         answers = [await first, *await asyncio.gather(*rest)]
         with pytest.raises(ValueError, match="bad row"):
             await queue.submit([0, 8])
-        return answers, await queue.submit([9])
+        # a request whose rows fail does not fail the others batched with it: each runs alone
+        busy.clear()
+        calls.clear()
+        blocker = asyncio.create_task(queue.submit([11]))
+        await asyncio.sleep(0.1)
+        bad, good = asyncio.create_task(queue.submit([0])), asyncio.create_task(queue.submit([12]))
+        await asyncio.sleep(0.1)
+        busy.set()
+        await blocker
+        with pytest.raises(ValueError, match="bad row"):
+            await bad
+        return answers, await good, await queue.submit([9])
 
-    answers, after = asyncio.run(main())
-    assert answers == [[10], [20], [30, 40], [50], [60, 70]] and after == [90]
-    assert calls == [[1], [2, 3, 4, 5], [6, 7], [0, 8], [9]]
+    answers, isolated, after = asyncio.run(main())
+    assert answers == [[10], [20], [30, 40], [50], [60, 70]] and isolated == [120] and after == [90]
+    assert calls == [[11], [0, 12], [0], [12], [9]]
+
+
+def test_serving_on_a_cluster_whose_serve_listens_elsewhere_is_refused_naming_the_real_bind(tmp_path):
+    """Ray Serve keeps the HTTP host and port it started with (Ray only warns): `ptv2 serve
+    --address` with other ones must refuse, saying where Serve really listens, rather than trust
+    a host (for the admin check and the token warning) that is not the real one."""
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    short = Path("/tmp") / f"ptv2b{os.getpid()}"  # Ray's socket paths must stay short
+    short.mkdir(exist_ok=True)
+    saved = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = str(short)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    taken = free_port()
+    try:
+        ray.init(address=cluster.address)
+        serve.start(http_options={"host": "127.0.0.1", "port": taken})
+        base = save_base(tmp_path / "base", "llama")
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PTV2_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run(
+            [sys.executable, "-m", "launcher.cli", "serve", "--model", str(base), "--address", cluster.address]
+            + ["--host", "127.0.0.1", "--port", str(free_port())],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert f"Ray Serve already runs on this cluster, listening on 127.0.0.1:{taken}" in proc.stderr
+        assert f"--host 127.0.0.1 --port {taken}" in proc.stderr
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = saved
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def test_replicas_on_one_host_fetch_a_cached_prompt_one_at_a_time(tmp_path):
+    """Several replicas (threads here) materialize the same registry prompt into one cache at
+    once: each gets a verified folder (without the per-entry lock one's rmtree ran under
+    another's rename), and a copy damaged later is fetched again."""
+    from launcher.serve_sources import materialize, pin
+    from ptv2.artifact import FOLDED, read_manifest
+
+    base = save_base(tmp_path / "base", "llama")
+    registry = Registry(tmp_path)
+    registry.register(make_prompt(tmp_path / "p", base, "seq-cls", "ptv2", 3), "cls", "prod")
+    pinned = pin(registry.uri, "models:/cls@prod")["pinned"]
+    cache = tmp_path / "cache"
+
+    def load(_):
+        folder = materialize(registry.uri, pinned, cache)
+        return read_manifest(folder)["files"]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(load, range(16)))
+    assert all(r == results[0] for r in results)
+    folder = materialize(registry.uri, pinned, cache)
+    (folder / FOLDED).write_bytes(b"damaged")
+    assert read_manifest(materialize(registry.uri, pinned, cache))["files"] == results[0]
+
+
+def test_a_prompt_version_that_failed_to_load_is_retried_with_backoff():
+    from launcher.serve import LoadFailures
+
+    f = LoadFailures()
+    entry = {"pinned": "runs:/abc/prompt", "version": "3"}
+    assert f.may_try("chat", entry["pinned"], now=0)
+    f.record("chat", entry, "the tracking server did not answer", now=100)
+    assert not f.may_try("chat", entry["pinned"], now=104) and f.may_try("chat", entry["pinned"], now=105)
+    f.record("chat", entry, "again", now=105)
+    assert not f.may_try("chat", entry["pinned"], now=114) and f.may_try("chat", entry["pinned"], now=115)
+    assert f.may_try("chat", "runs:/def/prompt", now=106)  # another version: at once
+    for i in range(20):
+        f.record("chat", entry, "down", now=1000 + i)
+    assert f.get("chat")["attempts"] == 22 and f.may_try("chat", entry["pinned"], now=1019 + LoadFailures.MAX_S)
+    f.clear("chat")
+    assert f.get("chat") is None

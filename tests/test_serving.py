@@ -191,6 +191,32 @@ def test_sampling_depends_on_the_seed_not_on_the_batch(tmp_path, bases):
     assert mixed[2].token_ids != alone_7
 
 
+def test_a_row_that_cannot_be_sampled_fails_alone_and_tiny_temperatures_are_greedy(tmp_path, bases, monkeypatch):
+    """temperature=1e-39 once made the logits inf and torch.multinomial raise for the whole mixed
+    batch: it is greedy now. A row whose sampling still fails ends alone with its error; the
+    rows beside it are answered as if it had not been there."""
+    served, bank = _bank(tmp_path, bases["llama"], [("causal-lm", "ptv2", 3), ("causal-lm", "ptv2", 2)])
+
+    def row(name, **sampling):
+        return sv.encode_generate(served, bank.get(name), "w1 w2", max_new_tokens=6, **sampling)
+
+    greedy = sv.generate(served, [row("p0")])[0].token_ids
+    assert sv.generate(served, [row("p0", temperature=1e-39, seed=1)])[0].token_ids == greedy
+    with pytest.raises(sv.BadInput, match="temperature"):
+        row("p0", temperature=float("nan"))
+    others = sv.generate(served, [row("p1"), row("p0", temperature=0.7, seed=3)])
+    real = torch.multinomial
+
+    def broken(probs, *args, **kwargs):  # what a NaN from a broken prompt did to multinomial
+        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+
+    monkeypatch.setattr(torch, "multinomial", broken)
+    got = sv.generate(served, [row("p1"), row("p0", temperature=0.7, seed=3), row("p0")])
+    monkeypatch.setattr(torch, "multinomial", real)
+    assert got[1].finish_reason == "error" and "probability tensor" in got[1].error
+    assert got[0].token_ids == others[0].token_ids and got[2].token_ids == greedy
+
+
 # ---- the bank --------------------------------------------------------------------------------------
 def test_a_prompt_for_another_base_is_refused_naming_both_fingerprints(tmp_path, bases):
     other = save_base(tmp_path / "other", "llama", seed=1)  # same architecture, other weights
@@ -274,3 +300,43 @@ def test_bad_inputs_are_refused_by_name(tmp_path, bases):
         sv.encode_generate(served, lm, "w1", max_new_tokens=0)
     with pytest.raises(sv.BadInput, match="top_p"):
         sv.encode_generate(served, lm, "w1", top_p=0)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_heads_never_share_weights_while_prompts_load_on_other_threads(tmp_path, bases, arch):
+    """Predictions run their heads outside the model's lock while other threads load prompts (an
+    eviction's reload, POST /v1/prompts, an alias moving): nothing a prompt uses may be a module
+    other prompts write into. Every answer equals the prompt alone, and each prompt's head still
+    holds exactly its artifact's tensors afterwards."""
+    import threading
+
+    from safetensors.torch import load_file
+
+    served, bank = _bank(tmp_path, bases[arch], [("seq-cls", "ptv2", 3), ("seq-cls", "ptv2", 2)])
+    extra = [make_prompt(tmp_path / f"x{i}", bases[arch], "seq-cls", "ptv2", 2, seed=10 + i) for i in range(3)]
+    rows = [sv.encode_predict(served, bank.get(name), t) for t in TEXTS for name in ("p0", "p1")]
+    want = [_alone_logits(alone(r.prompt.path, bases[arch]), r) for r in rows]
+    stop, errors = threading.Event(), []
+
+    def load_others() -> None:
+        i = 0
+        while not stop.is_set():
+            bank.load(f"x{i % 3}", extra[i % 3])
+            i += 1
+
+    loader = threading.Thread(target=load_others)
+    loader.start()
+    try:
+        for _ in range(40):
+            for row, got, expected in zip(rows, sv.predict_logits(served, rows), want, strict=True):
+                if float((got - expected).abs().max()) >= 1e-5:
+                    errors.append(row.prompt.name)
+    finally:
+        stop.set()
+        loader.join()
+    assert not errors
+    for name in ("p0", "p1", "x0"):
+        prompt = bank.get(name)
+        saved = load_file(prompt.path / FOLDED)
+        own = {f"head.{prompt.head.name}.{k}": v for k, v in prompt.head.module.state_dict().items()}
+        assert own.keys() <= saved.keys() and all(torch.equal(v, saved[k]) for k, v in own.items())

@@ -136,7 +136,9 @@ def test_artifact_names_escaping_the_folder_are_refused(trained, tmp_path, monke
         prompts.check_names(["prompt/manifest.json", "prompt/../../etc/cron.d/x"], "prompt")
     with pytest.raises(prompts.FetchError, match="escapes"):
         prompts.check_names(["/abs/path"], "prompt")
-    monkeypatch.setattr(prompts, "list_files", lambda c, r, p: ["prompt/manifest.json", "prompt/../evil"])
+    from ptv2.tracking import Tracker
+
+    monkeypatch.setattr(Tracker, "artifact_files", lambda self, r, p: ["prompt/manifest.json", "prompt/../evil"])
     with pytest.raises(prompts.FetchError, match="'prompt/../evil' escapes"):
         prompts.fetch(url, run_id, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
