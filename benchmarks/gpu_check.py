@@ -114,7 +114,7 @@ def run_variant(name: str, args, d, model_dir: str, batch: dict, n_params: int, 
 
     from ptv2 import dsconfig
     from ptv2.model import PromptedModel
-    from ptv2.prefix import PromptConfig
+    from ptv2.settings import PromptConfig
 
     file, overrides, checkpointing, compiled = VARIANTS[name]
     on_gpu = d.device.type == "cuda"

@@ -144,7 +144,7 @@ def reload_eval(job_path: Path, device: str, dtype: str, batch: int) -> float:
     model = load_prompt(Path(job.storage) / "prompt", base).to(device).eval()
     examples = load_examples(job.data.validation_file, job.data, "causal-lm", None, tok)
     metrics = evaluate(
-        lambda **b: model(**b).logits,
+        model,
         examples,
         "causal-lm",
         None,

@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import FullFineTuning  # noqa: E402
 from quality_report import plot, report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +59,7 @@ EVALUATIONS = 4  # per trial; ASHA may stop a trial after the first 2 (grace per
 METHODS = {  # name -> (settings, steps, learning rates tried)
     "ptv2": ({"prompt": {"method": "ptv2", "length": 16}}, PROMPT_STEPS, [1e-2, 2e-2, 4e-2]),
     "prompt-tuning": ({"prompt": {"method": "prompt-tuning", "length": 16}}, PROMPT_STEPS, [1e-2, 3e-2, 1e-1]),
-    "full-ft": ({"prompt": {"length": 0}, "train": {"train_base": True}}, WEIGHT_STEPS, [2e-5, 5e-5, 1e-4]),
+    "full-ft": ({"prompt": {"length": 0}}, WEIGHT_STEPS, [2e-5, 5e-5, 1e-4]),  # + FullFineTuning (TRAINABLES)
     "linear-probe": ({"prompt": {"length": 0}}, WEIGHT_STEPS, [1e-2, 3e-2, 1e-1]),
     # THUDM's reparameterization: an Adam step moves each MLP output by up to ~512·|tanh|·lr (a plain
     # table's by lr), so it needs a far lower prompt lr (1e-3..5e-3 collapsed to chance) while the
@@ -120,12 +121,20 @@ def base_spec(
     return spec
 
 
-def service(command: str, spec: dict, workdir: Path, answer: str) -> str:
+# Methods that train something else than the spec's prompt: plugged in through the service's
+# extension point (ptv2.trainee.Trainable), run in this process through the same run/sweep code.
+TRAINABLES = {"full-ft": FullFineTuning}
+
+
+def service(command: str, spec: dict, workdir: Path, answer: str, trainable=None) -> str:
     """`ptv2 COMMAND` (run or sweep) on the spec; returns the value of its `ANSWER:` output line
-    (the MLflow run id, or the sweep id)."""
+    (the MLflow run id, or the sweep id). A method of TRAINABLES goes through the same service
+    code in this process, with its Trainable."""
     path = workdir / f"{spec['name']}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     t0 = time.time()
+    if trainable is not None:
+        return in_process(command, path, trainable, t0)
     proc = subprocess.run([str(PTV2), command, str(path)], capture_output=True, text=True, cwd=workdir)
     if proc.returncode != 0:
         raise RuntimeError(f"ptv2 {command} {spec['name']} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
@@ -134,9 +143,25 @@ def service(command: str, spec: dict, workdir: Path, answer: str) -> str:
     return value
 
 
-def run(spec: dict, workdir: Path) -> str:
+def in_process(command: str, path: Path, trainable, t0: float) -> str:
+    from launcher.runner import run_spec
+    from launcher.spec import load_spec
+    from launcher.sweep import run_sweep
+
+    # the workers unpickle the trainable from benchmarks/baselines.py
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    spec = load_spec(path)
+    if command == "sweep":
+        value = run_sweep(spec, path.read_text(), trainable=trainable).sweep_id
+    else:
+        value = run_spec(spec, path.read_text(), trainable=trainable).run_id
+    print(f"  {spec.name}: {command} {value} ({time.time() - t0:.0f} s, {trainable.name})", flush=True)
+    return value
+
+
+def run(spec: dict, workdir: Path, method: str | None = None) -> str:
     """`ptv2 run` on the spec; returns the MLflow run id."""
-    return service("run", spec, workdir, "run id")
+    return service("run", spec, workdir, "run id", TRAINABLES[method]() if method in TRAINABLES else None)
 
 
 def results(run_id: str) -> dict:
@@ -158,9 +183,9 @@ def results(run_id: str) -> dict:
     }
 
 
-def sweep(spec: dict, workdir: Path) -> str:
+def sweep(spec: dict, workdir: Path, method: str | None = None) -> str:
     """`ptv2 sweep` on the spec (embedded Ray, one trial at a time on 2 cores); returns the sweep id."""
-    return service("sweep", spec, workdir, "sweep")
+    return service("sweep", spec, workdir, "sweep", TRAINABLES[method]() if method in TRAINABLES else None)
 
 
 def sweep_trials(sweep_id: str, metric: str, experiment: str = "quality") -> list[dict]:
@@ -202,7 +227,7 @@ def classification(
             "metric": "accuracy",
             "early_stopping": {"grace_period": 2, "reduction_factor": 2},
         }
-        sweep_id = sweep(spec, workdir)
+        sweep_id = sweep(spec, workdir, method)
         trials = sweep_trials(sweep_id, "accuracy")
         done = [t for t in trials if t["status"] == "finished" and "test/accuracy" in t["metrics"]]
         if not done:
@@ -227,7 +252,7 @@ def ner(data: Path, workdir: Path, steps: int) -> dict:
             base_spec(f"wnut16-{method}", data, "wnut16", "minilm", "token-cls", NER_TAGS, steps, 16, 96, "quality"),
             settings,
         )
-        out[method] = results(run(spec, workdir))
+        out[method] = results(run(spec, workdir, method))
     return out
 
 
@@ -252,8 +277,7 @@ def generation(
     from ptv2.evaluate import evaluate
     from ptv2.infer import generate
     from ptv2.model import PromptedModel, load_base_model
-    from ptv2.prefix import PromptConfig
-    from ptv2.settings import DataSettings
+    from ptv2.settings import DataSettings, PromptConfig
 
     model_dir = data / "models" / "smollm2-135m"
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -317,7 +341,7 @@ def quick(data: Path, workdir: Path) -> int:
         labels = ["negative", "positive"]
         spec = base_spec(f"polarity-{method}", data, "polarity", "minilm", "seq-cls", labels, 120, 16, 64, "quality")
         spec = merge(spec, merge(METHODS[method][0], {"train": {"lr": lr}}))
-        acc[method] = results(run(spec, workdir))["metrics"]["test/accuracy"]
+        acc[method] = results(run(spec, workdir, method))["metrics"]["test/accuracy"]
     a, b = acc["ptv2"], acc["linear-probe"]
     print(f"quick: polarity test accuracy ptv2 {a:.3f} vs linear probe {b:.3f} ({time.time() - t0:.0f} s)")
     if not a > b:

@@ -22,6 +22,7 @@ random-init, not trained: throughput does not depend on their values.
 
 # No `from __future__ import annotations`: FastAPI reads the PEFT route's annotations at runtime.
 import argparse
+import asyncio
 import csv
 import json
 import os
@@ -36,10 +37,11 @@ from pathlib import Path
 
 import requests
 import torch
+from baselines import PerPromptScheduler
 from fastapi import FastAPI
 from ray import serve
 
-from launcher.serve import BATCHES_IN_FLIGHT, ModelQueue
+from ptv2.scheduler import Scheduler
 
 LABELS = ["negative", "positive"]
 TEMPLATE = "User: {prompt}\nAssistant:"
@@ -69,7 +71,6 @@ class PeftSwitching:
         self.batches = self.rows = self.prompts = 0
         self._batch.set_max_batch_size(max_batch_size)
         self._batch.set_batch_wait_timeout_s(wait_s)
-        self.queue = ModelQueue(self._run, max_batch_size)  # batches fill as ptv2 serve's do
 
     def _run(self, reqs: list) -> list:
         out = [None] * len(reqs)
@@ -88,9 +89,9 @@ class PeftSwitching:
                 out[i] = text
         return out
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005, max_concurrent_batches=BATCHES_IN_FLIGHT)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _batch(self, reqs: list) -> list:
-        return await self.queue.submit(reqs)
+        return await asyncio.to_thread(self._run, reqs)
 
     @peft_app.post("/v1/generate")
     async def generate(self, body: dict) -> dict:
@@ -108,7 +109,7 @@ def make_prompts(out: Path, task: str, n: int, length: int) -> list[Path]:
     from ptv2.artifact import save_prompt
     from ptv2.assets import minilm_path, smollm2_path
     from ptv2.model import PromptedModel, load_base_model
-    from ptv2.prefix import PromptConfig
+    from ptv2.settings import PromptConfig
 
     path = minilm_path() if task == "seq-cls" else smollm2_path()
     labels = LABELS if task == "seq-cls" else None
@@ -193,7 +194,7 @@ def _free_port() -> int:
 
 
 # ---- the workloads -----------------------------------------------------------------------------------------
-def deploy(name: str, base: str, paths: list[Path], batching: str, args, cache: Path) -> str:
+def deploy(name: str, base: str, paths: list[Path], scheduler, args, cache: Path) -> str:
     from launcher.serve import ServeOptions, build_app
     from launcher.serve_sources import startup_entries
 
@@ -202,14 +203,12 @@ def deploy(name: str, base: str, paths: list[Path], batching: str, args, cache: 
         port=args.port,
         cpus_per_replica=args.threads,
         max_batch_size=args.batch,
-        batch_wait_ms=args.wait_ms,
         cache_dir=str(cache),
         refresh_s=0,
-        batching=batching,
         max_new_tokens=args.new_tokens,
     )
     entries = startup_entries(None, [(f"p{i}", str(p)) for i, p in enumerate(paths)], cache)
-    serve.run(build_app(options, entries), name=name, route_prefix=f"/{name}")
+    serve.run(build_app(options, entries, scheduler), name=name, route_prefix=f"/{name}")
     return f"http://127.0.0.1:{args.port}/{name}"
 
 
@@ -223,17 +222,15 @@ def run_workload(task: str, args, tmp: Path) -> dict:
     clients = args.clients if task == "seq-cls" else args.gen_clients
     warmup, duration = (args.warmup, args.duration) if task == "seq-cls" else (args.gen_warmup, args.gen_duration)
     servers = {
-        "mixed": deploy(f"{task}-mixed", base, paths, "mixed", args, tmp / "cache"),
-        "switching": deploy(f"{task}-switching", base, paths, "per-prompt", args, tmp / "cache"),
+        "mixed": deploy(f"{task}-mixed", base, paths, Scheduler, args, tmp / "cache"),
+        "switching": deploy(f"{task}-switching", base, paths, PerPromptScheduler, args, tmp / "cache"),
     }
     urls = {"single": servers["mixed"], "mixed": servers["mixed"], "switching": servers["switching"]}
     if task == "causal-lm" and not args.no_peft:
         from ptv2.peft_export import export_peft
 
         adapters = {f"p{i}": str(export_peft(p, tmp / "peft" / f"p{i}")) for i, p in enumerate(paths)}
-        app = PeftSwitching.options(
-            ray_actor_options={"num_cpus": args.threads}, max_ongoing_requests=BATCHES_IN_FLIGHT * args.batch
-        )
+        app = PeftSwitching.options(ray_actor_options={"num_cpus": args.threads}, max_ongoing_requests=8 * args.batch)
         serve.run(
             app.bind(base, adapters, args.threads, args.batch, args.wait_ms / 1000), name="peft", route_prefix="/peft"
         )

@@ -54,7 +54,7 @@ def build(mode: str, path: str, prefix: int, zero3_config: dict | None = None):
     from transformers.integrations import HfDeepSpeedConfig
 
     from ptv2.model import PromptedModel
-    from ptv2.prefix import PromptConfig
+    from ptv2.settings import PromptConfig
 
     keep = HfDeepSpeedConfig(zero3_config) if zero3_config else None  # noqa: F841
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -111,8 +111,9 @@ def plain(args) -> dict:
         print(f"plain round {rnd}: " + " ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items() if v), flush=True)
     ptv2 = models["ptv2"][0]
     t0 = time.perf_counter()
+    ids = batches["sft"]["input_ids"]
     for _ in range(20):
-        ptv2.prefix_cache(args.batch)
+        ptv2.inputs(ids)  # the prompt laid out in front of a batch: cache, mask, positions
     return {
         "plain_step_s": {k: statistics.median(v) for k, v in times.items()},
         "trainable_params": {m: sum(p.numel() for p in params) for m, (_, params) in models.items()},

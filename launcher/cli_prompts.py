@@ -97,8 +97,8 @@ def _load(prompt: Path, model: str | None):
     hf_logging.disable_progress_bar()  # the output is JSON lines
     hf_logging.set_verbosity_error()
 
-    from ptv2.artifact import ArtifactError, load_prompt, read_manifest
-    from ptv2.model import load_base_model
+    from ptv2.artifact import ArtifactError, load_prompt, read_manifest  # (with transformers, above)
+    from ptv2.model import load_base_model  # (with transformers, above)
 
     try:
         manifest = read_manifest(prompt)
@@ -151,9 +151,8 @@ def export_peft(
     force: bool = typer.Option(False, "--force"),
 ) -> None:
     """Write a PEFT prefix-tuning adapter (PeftModel.from_pretrained loads it) for a causal-LM prompt."""
-    # transformers: only for this command
-    from ptv2.artifact import ArtifactError
-    from ptv2.peft_export import export_peft as do_export
+    from ptv2.artifact import ArtifactError  # transformers: only for this command
+    from ptv2.peft_export import export_peft as do_export  # transformers: only for this command
 
     try:
         path = do_export(prompt, out, overwrite=force)
@@ -187,7 +186,9 @@ def serve(
     gpus_per_replica: float = typer.Option(0.0, help="> 0 serves on CUDA"),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16"),
     max_batch_size: int = typer.Option(16, help="inputs batched into one forward"),
-    batch_wait_ms: float = typer.Option(5.0, help="how long a batch waits to fill"),
+    max_cache_tokens: int = typer.Option(
+        None, help="generation: the most positions the running batch's cache may grow to (default: no bound)"
+    ),
     max_prompts: int = typer.Option(64, help="prompts a replica keeps loaded (least recently used out)"),
     max_prompt_mb: float = typer.Option(1024.0, help="bytes of prompts a replica keeps loaded, in MiB"),
     max_new_tokens: int = typer.Option(512, help="the most tokens one generation may ask for"),
@@ -225,7 +226,7 @@ def serve(
     cache = cache_dir or tracking.home() / "serve-cache"
     try:
         entries = serve_sources.startup_entries(tracking_uri, pairs, cache)
-        base = model or (entries[0]["base"] if entries else None)
+        base = model or (entries[0].base if entries else None)
         if base is None:
             fail("nothing to serve: give prompts, or --model to start with none and add them over HTTP")
         options = srv.ServeOptions(
@@ -237,7 +238,7 @@ def serve(
             gpus_per_replica=gpus_per_replica,
             dtype=dtype,
             max_batch_size=max_batch_size,
-            batch_wait_ms=batch_wait_ms,
+            max_cache_tokens=max_cache_tokens,
             max_prompts=max_prompts,
             max_prompt_bytes=int(max_prompt_mb * (1 << 20)),
             max_new_tokens=max_new_tokens,

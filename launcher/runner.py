@@ -28,9 +28,11 @@ from pathlib import Path
 
 from launcher.spec import JobSpec, SpecError, check_job_id, new_job_id
 from ptv2 import storage
-from ptv2.callbacks import Callback
+from ptv2.callbacks import Callback, ConsoleLogger
 from ptv2.checkpoint import Checkpoints
-from ptv2.tracking import RunRecord, Tracker, job_tags
+from ptv2.errors import JobError
+from ptv2.settings import TrainJob
+from ptv2.tracking import MlflowCallback, RunRecord, Tracker, job_tags
 
 ERROR_FILE = "error.json"  # where workers leave a problem no retry can fix, for the driver
 
@@ -178,6 +180,7 @@ class WorkerConfig:
     callbacks: tuple = ()
     report_eval: bool = False
     submitted_at: float | None = None
+    trainable: object = None  # what trains besides the head (ptv2.trainee.Trainable); None: the spec's prompt
 
 
 def worker_loop(config: WorkerConfig) -> None:
@@ -185,11 +188,7 @@ def worker_loop(config: WorkerConfig) -> None:
     import ray
     import ray.train
 
-    # the training stack (torch, DeepSpeed, transformers) loads in the workers only, not the driver
-    from ptv2.callbacks import ConsoleLogger
-    from ptv2.settings import TrainJob
-    from ptv2.tracking import MlflowCallback
-    from ptv2.train import JobError, train
+    from ptv2.train import train  # the training stack (DeepSpeed, transformers) loads in the workers only
 
     job = TrainJob.model_validate(config.job)
     rank = ray.train.get_context().get_world_rank()
@@ -206,7 +205,7 @@ def worker_loop(config: WorkerConfig) -> None:
         trusted=lambda: tracker.checkpoint_digests(config.run_id),
     )
     try:
-        train(job, callbacks, checkpoints, resume=config.resume)
+        train(job, callbacks, checkpoints, resume=config.resume, trainable=config.trainable)
     except JobError as e:  # every rank raises it; returning keeps Ray from retrying what cannot succeed
         if rank == 0:
             storage.write_bytes(storage.join(job.storage, ERROR_FILE), json.dumps({"error": str(e)}).encode())
@@ -340,16 +339,25 @@ def make_trainer(
     ray_callbacks: Sequence = (),
     submitted_at: float | None = None,
     resume: bool = False,
+    trainable=None,
 ):
     """The Ray Train worker group of one job: its checkpoints and Ray's run state go to the
-    job's storage; `report_eval` reports each evaluation to Ray (what Ray Tune compares)."""
+    job's storage; `report_eval` reports each evaluation to Ray (what Ray Tune compares);
+    `trainable`: what trains besides the head (`ptv2.trainee.Trainable`; default the prompt)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     res = spec.resources
     fs, path = storage.resolve(spec.job_storage(job_id))
     config = WorkerConfig(
-        spec.train_job(job_id).model_dump(mode="json"), run_id, uri, resume, tuple(callbacks), report_eval, submitted_at
+        spec.train_job(job_id).model_dump(mode="json"),
+        run_id,
+        uri,
+        resume,
+        tuple(callbacks),
+        report_eval,
+        submitted_at,
+        trainable,
     )
     return TorchTrainer(
         worker_loop,
@@ -411,11 +419,13 @@ def run_spec(
     callbacks: Sequence[Callback] = (),
     submitted_at: float | None = None,
     force: bool = False,
+    trainable=None,
 ) -> RunSummary:
     """Create (or reopen) the MLflow run, run the worker group on Ray, end the run.
     `address=None` starts an embedded local Ray sized for the job. `callbacks` are added to
     every worker's (they must pickle). `force`: resume a job whose run says it is running or
-    finished (see `check_resumable`)."""
+    finished (see `check_resumable`). `trainable`: what trains besides the head
+    (`ptv2.trainee.Trainable`, the extension point; default the spec's prompt)."""
     import ray
 
     if resume and job_id is None:
@@ -444,7 +454,14 @@ def run_spec(
     try:
         started_here = ensure_ray(spec, address)
         trainer = make_trainer(
-            spec, job_id, run_id, tracker.uri, callbacks, submitted_at=submitted_at or time.time(), resume=resume
+            spec,
+            job_id,
+            run_id,
+            tracker.uri,
+            callbacks,
+            submitted_at=submitted_at or time.time(),
+            resume=resume,
+            trainable=trainable,
         )
         metrics = fit_job(trainer, spec, job_id, run_id, tracker)
         if spec.tracking.register_as:

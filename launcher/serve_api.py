@@ -12,6 +12,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ptv2 import errors as sv
+
 logger = logging.getLogger("ptv2.serve")
 MAX_CHARS = 100_000  # per text: far past any model's positions; the token check says what is too long
 
@@ -200,8 +202,6 @@ app.add_middleware(BodyLimit)
 
 def serving_error(exc: Exception) -> HTTPError:
     """The HTTP status of a library error: the caller's mistake, named."""
-    from ptv2 import serving as sv
-
     if isinstance(exc, sv.UnknownPrompt):
         return HTTPError(404, str(exc), "not_found_error", prompts=exc.loaded)
     if isinstance(exc, sv.InputTooLong):

@@ -241,7 +241,7 @@ def check_model(spec: JobSpec, model_on_cluster: bool = False) -> None:
         )
     from transformers import AutoConfig
 
-    from ptv2.prefix import Geometry
+    from ptv2.geometry import Geometry  # beside transformers, which only a model check needs
 
     try:
         geometry = Geometry.of(
@@ -258,7 +258,7 @@ def check_model(spec: JobSpec, model_on_cluster: bool = False) -> None:
 
 
 def _column_values(path: str, fmt: str, column: str) -> list:
-    from ptv2.data import DataError, read_table
+    from ptv2.data import DataError, read_table  # datasets, torch: only when files are checked
 
     try:
         table = read_table(path, fmt)
@@ -372,7 +372,7 @@ def with_values(raw: dict, values: dict) -> dict:
 def check_sweep(path: Path, raw: dict, spec: JobSpec) -> None:
     """Every swept path names a field, every value a trial can get is valid there, the metric is
     one the task's evaluation gives, and there is something to evaluate on."""
-    from ptv2.evaluate import METRICS
+    from ptv2.tasks import task_of  # torch, transformers: only for a spec with a sweep
 
     sweep = spec.sweep
     for name, dist in sweep.parameters.items():
@@ -389,7 +389,7 @@ def check_sweep(path: Path, raw: dict, spec: JobSpec) -> None:
                     f"{path}: sweep.parameters.{name}: value {value!r} is not valid there: "
                     f"{_loc(err)}: {err['msg'].removeprefix('Value error, ')}"
                 ) from e
-    known = METRICS[spec.model.task]
+    known = task_of(spec.model.task).metrics
     if sweep.metric is not None and sweep.metric not in known:
         raise SpecError(
             f"{path}: sweep.metric: {sweep.metric!r} is not an eval metric of {spec.model.task} "

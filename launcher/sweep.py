@@ -31,7 +31,6 @@ from launcher.runner import (
 from launcher.spec import JobSpec, Sweep, check_job_id, new_job_id, with_values
 from ptv2 import storage
 from ptv2.errors import first_line
-from ptv2.evaluate import METRICS, PRIMARY_METRIC
 from ptv2.tracking import RunRecord, Tracker, TrackingError, job_tags, swept_tags
 
 
@@ -50,8 +49,11 @@ class SweepSummary:
 
 def objective(spec: JobSpec) -> tuple[str, str]:
     """(metric, mode): the sweep's, or the task's primary eval metric and its direction."""
-    metric = spec.sweep.metric or PRIMARY_METRIC[spec.model.task][0]
-    return metric, spec.sweep.mode or METRICS[spec.model.task][metric]
+    from ptv2.tasks import task_of  # transformers: not for `ptv2 --help`
+
+    task = task_of(spec.model.task)
+    metric = spec.sweep.metric or task.primary[0]
+    return metric, spec.sweep.mode or task.metrics[metric]
 
 
 def search_space(sweep: Sweep) -> dict:
@@ -88,7 +90,7 @@ def trial_name(params: dict) -> str:
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
-def run_trial(config: dict, base: dict, sweep_id: str, parent_run_id: str, uri: str) -> None:
+def run_trial(config: dict, base: dict, sweep_id: str, parent_run_id: str, uri: str, training=None) -> None:
     """One trial, in its own Tune actor: its spec, its nested MLflow run (reopened when the sweep
     resumes), its Ray Train worker group reporting each evaluation to Tune. The trial ends its
     run FINISHED; the sweep's driver ends it otherwise (stopped, failed)."""
@@ -116,7 +118,10 @@ def run_trial(config: dict, base: dict, sweep_id: str, parent_run_id: str, uri: 
         tracker.mark(run_id, name=f"{job_id} {trial_name(params)}")
     elif run.status == "FINISHED":
         # done before the sweep's driver died: tell Tune its result instead of training again
-        last = {k: h[-1] for k in METRICS[spec.model.task] if (h := tracker.history(run.run_id, f"eval/{k}"))}
+        from ptv2.tasks import task_of  # transformers: in the trial's process only
+
+        metrics = task_of(spec.model.task).metrics
+        last = {k: h[-1] for k in metrics if (h := tracker.history(run.run_id, f"eval/{k}"))}
         step = max(m.step for m in last.values())
         every = spec.train.eval_every
         tune.report(
@@ -126,7 +131,9 @@ def run_trial(config: dict, base: dict, sweep_id: str, parent_run_id: str, uri: 
     else:
         run_id = run.run_id
         tracker.reopen(run_id, this_driver())
-    trainer = make_trainer(spec, job_id, run_id, uri, report_eval=True, ray_callbacks=[TuneReportCallback()])
+    trainer = make_trainer(
+        spec, job_id, run_id, uri, report_eval=True, ray_callbacks=[TuneReportCallback()], trainable=training
+    )
     fit_job(trainer, spec, job_id, run_id, tracker, owns_run=False)
 
 
@@ -239,9 +246,11 @@ def run_sweep(
     sweep_id: str | None = None,
     resume: bool = False,
     force: bool = False,
+    trainable=None,
 ) -> SweepSummary:
     """Run (or resume) the sweep of `spec` on Ray Tune; the parent MLflow run ends FINISHED with
-    the best trial, FAILED when no trial succeeded, KILLED when stopped."""
+    the best trial, FAILED when no trial succeeded, KILLED when stopped. `trainable`: what every
+    trial trains besides the head (`ptv2.trainee.Trainable`; default the spec's prompt)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
@@ -260,14 +269,15 @@ def run_sweep(
     started_here = False
     try:
         started_here = ensure_ray(spec, address)
-        trainable = tune.with_parameters(
+        trial = tune.with_parameters(
             run_trial,
             base=spec.model_dump(mode="json", exclude={"sweep"}),
             sweep_id=sweep_id,
             parent_run_id=parent,
             uri=tracker.uri,
+            training=trainable,  # (with_parameters takes `trainable` itself)
         )
-        trainable = tune.with_resources(trainable, {"memory": 1})  # no CPU: the worker group claims the trial's
+        trial = tune.with_resources(trial, {"memory": 1})  # no CPU: the worker group claims the trial's
         es = spec.sweep.early_stopping
         trial_runs = TrialRuns(tracker.uri, spec.tracking.experiment, sweep_id, metric)
         scheduler = (
@@ -292,13 +302,13 @@ def run_sweep(
         if resume:
             tuner = tune.Tuner.restore(
                 storage.join(location, "tune") if storage.is_uri(location) else f"{path}/tune",
-                trainable=trainable,
+                trainable=trial,
                 resume_errored=True,
                 storage_filesystem=fs,
             )
         else:
             tuner = tune.Tuner(
-                trainable,
+                trial,
                 param_space=search_space(spec.sweep),
                 tune_config=tune.TuneConfig(
                     metric=metric,

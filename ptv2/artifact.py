@@ -33,7 +33,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ptv2 import fingerprint as fp
-from ptv2.prefix import Geometry, PromptConfig, build_prompt_module
+from ptv2.errors import ArtifactError
+from ptv2.geometry import Geometry
+from ptv2.settings import PromptConfig
 
 if TYPE_CHECKING:
     from ptv2.model import PromptedModel
@@ -44,10 +46,6 @@ FOLDED = "prompt.safetensors"
 RAW = "trainable.safetensors"
 FILES = (FOLDED, RAW)  # every file an artifact holds besides the manifest, by bare name
 PREFIX_LAYOUT = "[length, layers*2*kv_heads*head_dim], last dim ordered (layer, key|value, kv_head, head_dim)"
-
-
-class ArtifactError(ValueError):
-    """A prompt artifact that cannot be used (missing, tampered, or for another model)."""
 
 
 def sha256_file(path: Path) -> str:
@@ -107,8 +105,10 @@ def collect_tensors(
         state.update({f"base.{n}": p for n, p in model.head_state().items()})
     folded: dict[str, torch.Tensor] = {}
     raw: dict[str, torch.Tensor] = {}
-    if model.prompt is not None:
-        copy = build_prompt_module(model.prompt_config, model.geometry)
+    if model.prompt.length:
+        from ptv2.prompt import make_prompt  # transformers: where a model exists anyway (not to read a manifest)
+
+        copy = make_prompt(model.prompt_config, model.geometry)
         copy.load_state_dict(
             {k.removeprefix("prompt."): _cpu(v).float() for k, v in state.items() if k.startswith("prompt.")}
         )
@@ -148,7 +148,7 @@ def save_prompt(
         manifest = {
             "format": FORMAT,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "task": model.task,
+            "task": model.task.name,
             "labels": list(labels) if labels else None,
             "prompt": model.prompt_config.to_dict(),
             "prefix_layout": PREFIX_LAYOUT if model.prompt_config.method == "ptv2" else "[length, hidden]",
@@ -307,7 +307,7 @@ def load_tensors(model: PromptedModel, path: Path) -> None:
         for key in sf.keys():
             kind, name = key.split(".", 1)
             (prompt_state if kind == "prompt" else head_state)[name] = sf.get_tensor(key)
-    if model.prompt is not None:
+    if model.prompt.length:
         missing, unexpected = model.prompt.load_state_dict(prompt_state, strict=False)
         if missing or unexpected:
             raise ArtifactError(f"{path}: prompt tensors do not fit (missing {missing}, unexpected {unexpected})")

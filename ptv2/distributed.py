@@ -25,7 +25,7 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class Dist:
+class Process:
     rank: int
     world_size: int
     local_rank: int
@@ -109,7 +109,7 @@ def _init_deepspeed(**kwargs) -> None:
         logging.getLogger("ptv2").debug(line)
 
 
-def setup() -> Dist:
+def setup() -> Process:
     """Join (or create) the process group and pick this rank's device."""
     from deepspeed.accelerator import get_accelerator
 
@@ -129,7 +129,7 @@ def setup() -> Dist:
     else:
         acc.set_device(local_rank)
         device = torch.device(acc.device_name(local_rank))
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
+    return Process(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
 
 
 def all_gather(value: T) -> list[T]:

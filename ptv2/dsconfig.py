@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from ptv2 import storage
+from ptv2.geometry import Geometry
 from ptv2.settings import TrainJob
 
 # Package data: ptv2/deepspeed_configs is a link to the repository's top-level folder, and a
@@ -285,7 +286,7 @@ def activation_bytes(
     """One micro-batch's activations kept for the backward (see ACT_HIDDEN), plus the causal-LM
     logits and their gradient in fp32 at every position (an upper bound: ptv2 computes them only
     where a label is)."""
-    from ptv2.prefix import Geometry
+    from ptv2.tasks import task_of  # torch, transformers: on the workers (`ptv2 validate` imports this module)
 
     g = Geometry.of(config)
     hidden = g.hidden_size
@@ -293,7 +294,7 @@ def activation_bytes(
     layer = ACT_HIDDEN * hidden + ACT_INTERMEDIATE * inter
     per_token = (g.num_layers * hidden + layer) if checkpointing else g.num_layers * layer
     total = micro_batch * tokens * per_token * bytes_per_value
-    if task == "causal-lm":
+    if task_of(task).generates:  # logits over the vocabulary
         total += micro_batch * tokens * config.vocab_size * (bytes_per_value + 8)
     return int(total)
 
@@ -304,8 +305,9 @@ def estimate(job: TrainJob, dtype: str) -> MemoryEstimate:
     import torch
     from transformers import AutoConfig
 
+    # the model and prompt code (transformers) load where the estimate is made, on the workers
     from ptv2.model import build_from_config, head_parameter_names
-    from ptv2.prefix import Geometry, count_prompt_parameters
+    from ptv2.prompt import count_prompt_parameters
 
     m = job.model
     config = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
@@ -320,8 +322,6 @@ def estimate(job: TrainJob, dtype: str) -> MemoryEstimate:
     largest = max(units + [max(counts.values())])
     g = Geometry.of(model.config)
     trainable = count_prompt_parameters(job.prompt, g, folded=False) + head
-    if job.train.train_base:  # the full fine-tuning baseline trains the base too
-        trainable, frozen = trainable + frozen, 0
     tokens = job.data.max_length + job.prompt.length
     acts = activation_bytes(
         model.config, job.train.micro_batch_size, tokens, width, job.train.gradient_checkpointing, m.task

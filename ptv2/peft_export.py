@@ -18,8 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ptv2.artifact import FOLDED, ArtifactError, atomic_dir, read_manifest
-
-PEFT_TASK = {"causal-lm": "CAUSAL_LM"}
+from ptv2.tasks import task_of
 
 
 def export_peft(
@@ -30,13 +29,14 @@ def export_peft(
     prompt = manifest["prompt"]
     if prompt["method"] != "ptv2" or prompt["length"] == 0:
         raise ArtifactError(f"only P-Tuning v2 prompts export to PEFT prefix tuning, this is {prompt['method']!r}")
-    if manifest["task"] not in PEFT_TASK:
+    task = task_of(manifest["task"])
+    if task.peft_task_type is None:
         raise ArtifactError(f"PEFT export supports causal-lm prompts, this one is for {manifest['task']}")
     g = manifest["base_model"]["geometry"]
     token_dim = g["num_kv_heads"] * g["head_dim"]
     config = {
         "peft_type": "PREFIX_TUNING",
-        "task_type": PEFT_TASK[manifest["task"]],
+        "task_type": task.peft_task_type,
         "base_model_name_or_path": base_model or manifest["base_model"]["name_or_path"],
         "num_virtual_tokens": prompt["length"],
         "token_dim": token_dim,

@@ -14,9 +14,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ptv2 import storage
-from ptv2.prefix import PromptConfig
 
 Task = Literal["causal-lm", "seq-cls", "token-cls"]
+Method = Literal["ptv2", "prompt-tuning"]
+Init = Literal["normal", "vocab", "text"]
 
 
 class _Strict(BaseModel):
@@ -50,14 +51,9 @@ class ModelSettings(_Strict):
         task = info.data.get("task")
         if task is None:  # the task itself is invalid and reported
             return labels
-        if task == "causal-lm" and labels:
-            raise ValueError("labels are only for seq-cls and token-cls tasks, not causal-lm")
-        if task != "causal-lm":
-            if not labels or len(labels) < 2:
-                raise ValueError(f"task {task} needs at least 2 labels")
-            if len(set(labels)) != len(labels):
-                raise ValueError(f"labels must be unique, got {labels}")
-        return labels
+        from ptv2.tasks import task_of  # torch and transformers: only once a spec is validated
+
+        return task_of(task).check_labels(labels)
 
 
 class DataSettings(_Strict):
@@ -92,6 +88,50 @@ class DataSettings(_Strict):
         return template
 
 
+class PromptConfig(BaseModel):
+    """What to train. `length` 0 means no prompt at all (head only: a linear probe)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Method = Field("ptv2", description="ptv2: deep prefix at every layer; prompt-tuning: input embeddings only")
+    length: int = Field(16, ge=0, le=4096, description="number of prompt positions (0: no prompt, head only)")
+    projection: int | None = Field(
+        None, gt=0, le=65536, description="hidden size of the reparameterization MLP; null for a plain table"
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the prompt during training")
+    init: Init | None = Field(
+        None,
+        description="how the prompt starts: normal = N(0,1) rows (THUDM, PEFT); vocab = what the frozen model "
+        "makes of P random vocabulary tokens (their keys/values at every layer for ptv2, their embeddings for "
+        "prompt-tuning: Lester et al.); text = the same for the first P tokens of the training data "
+        "(Li & Liang's real-word activations). Default: vocab, except normal for ptv2 on encoders "
+        "and with a projection",
+    )
+
+    @model_validator(mode="after")
+    def _init_needs_plain_table(self) -> PromptConfig:
+        if self.init in ("vocab", "text") and self.projection:
+            raise ValueError(
+                f"init {self.init!r} sets the prompt rows directly, which the MLP reparameterization "
+                "(projection) has not got: use init normal or projection null"
+            )
+        return self
+
+    def resolved_init(self, kind: str) -> str:
+        """The init used on a base model of `kind` ("decoder"/"encoder") when none is set: vocab
+        for prompt tuning (Lester) and for deep prefixes on decoders (N(0,1) keys/values perturb
+        every layer of a pretrained decoder: benchmarks/QUALITY.md), normal for deep prefixes
+        on encoders (THUDM's setting, where the paper's results come from)."""
+        if self.init is not None:
+            return self.init
+        if self.projection:
+            return "normal"
+        return "vocab" if self.method == "prompt-tuning" or kind == "decoder" else "normal"
+
+    def to_dict(self) -> dict:
+        return self.model_dump()
+
+
 class TrainSettings(_Strict):
     epochs: float | None = Field(None, gt=0, le=1000, description="passes over the training data (or use max_steps)")
     max_steps: int | None = Field(None, gt=0, le=10_000_000, description="optimizer steps; overrides epochs")
@@ -115,7 +155,6 @@ class TrainSettings(_Strict):
     keep_checkpoints: int = Field(2, ge=1, le=100)
     log_every: int = Field(10, ge=1)
     max_failures: int = Field(0, ge=0, le=100, description="worker-group restarts allowed (resume from checkpoint)")
-    train_base: bool = Field(False, description="full fine-tuning baseline: also train the base model")
     gradient_checkpointing: bool = Field(
         False,
         description="activation checkpointing: keep only each layer's input and recompute the layer in the "

@@ -50,6 +50,7 @@ INFO_TAGS = (
     "device",
     "deepspeed_config",
     "gradient_checkpointing",
+    "trainable",
 )
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
@@ -335,19 +336,18 @@ class Tracker:
         points = self.client.get_metric_history(run_id, key)
         return sorted((MetricPoint(m.step, m.value, m.timestamp) for m in points), key=lambda m: m.step)
 
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
     def set_info(self, run_id: str, info: Mapping) -> None:
         """What the worker knows at the start (INFO_TAGS and auto_*) as tags."""
-        for key, value in info.items():
-            if key in INFO_TAGS or key.startswith("auto_"):
-                self.client.set_tag(run_id, f"ptv2.{key}", str(value))
+        self.set_tags(run_id, {f"ptv2.{k}": v for k, v in info.items() if k in INFO_TAGS or k.startswith("auto_")})
 
     def mark(self, run_id: str, *, early_stopped: bool = False, sweep_best: bool = False, name: str | None = None):
-        if early_stopped:
-            self.client.set_tag(run_id, EARLY_STOPPED, "true")
-        if sweep_best:
-            self.client.set_tag(run_id, SWEEP_BEST, "true")
-        if name is not None:
-            self.client.set_tag(run_id, RUN_NAME, name[:250])
+        flags = {EARLY_STOPPED: early_stopped, SWEEP_BEST: sweep_best}
+        self.set_tags(run_id, {k: "true" for k, on in flags.items() if on} | ({RUN_NAME: name[:250]} if name else {}))
 
     def log_text(self, run_id: str, text: str, path: str) -> None:
         self.client.log_text(run_id, text, path)
@@ -357,14 +357,9 @@ class Tracker:
 
     def record_sweep_result(self, run_id: str, metric: str, value: float, best_run_id: str, best: Mapping) -> None:
         self.client.log_metric(run_id, f"best/{metric}", value)
-        self.client.set_tag(run_id, BEST_RUN, best_run_id)
-        for k, v in best.items():
-            self.client.set_tag(run_id, f"best.{k}", str(v))
+        self.set_tags(run_id, {BEST_RUN: best_run_id, **{f"best.{k}": v for k, v in best.items()}})
 
     # ---- checkpoints a resume may trust ------------------------------------------------------------
-    def record_checkpoint(self, run_id: str, name: str, digest: str) -> None:
-        self.client.set_tag(run_id, CHECKPOINT + name, digest)
-
     def checkpoint_digests(self, run_id: str) -> dict[str, str]:
         """Checkpoint name -> the digest recorded when it was written."""
         return {k.removeprefix(CHECKPOINT): v for k, v in self.run(run_id).tags.items() if k.startswith(CHECKPOINT)}
@@ -492,12 +487,13 @@ class MlflowCallback(Callback):
 
     def on_artifact(self, rank, step, path, kind, location):
         if rank == 0:
-            c = self.tracker.client
-            c.log_artifacts(self.run_id, str(path), artifact_path="prompt" if kind == "final" else kind)
-            c.set_tag(self.run_id, f"ptv2.{kind}_step", str(step))
-            c.set_tag(self.run_id, f"ptv2.{kind}_uri", location)
+            self.tracker.client.log_artifacts(
+                self.run_id, str(path), artifact_path="prompt" if kind == "final" else kind
+            )
+            self.tracker.set_tags(self.run_id, {f"ptv2.{kind}_step": str(step), f"ptv2.{kind}_uri": location})
 
     def on_checkpoint(self, rank, step, name, location, digest):
         if rank == 0:
-            self.tracker.record_checkpoint(self.run_id, name, digest)
-            self.tracker.client.set_tag(self.run_id, "ptv2.last_checkpoint", f"{step}: {location}")
+            self.tracker.set_tags(
+                self.run_id, {CHECKPOINT + name: digest, "ptv2.last_checkpoint": f"{step}: {location}"}
+            )

@@ -42,10 +42,11 @@ def optimizer_groups(optimizer) -> list[tuple[float, int]]:
 
 def checks(job, result) -> dict:
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from ptv2.artifact import load_prompt
     from ptv2.data import collator, load_examples
+    from ptv2.tasks import task_of
 
     engine, model = result.engine, result.model
     world = dist.get_world_size()
@@ -88,8 +89,9 @@ def checks(job, result) -> dict:
     with torch.no_grad():
         live = engine(**batch).logits.float()
     if dist.get_rank() == 0:
-        cls = AutoModelForCausalLM if job.model.task == "causal-lm" else AutoModelForSequenceClassification
-        kw = {} if job.model.task == "causal-lm" else {"num_labels": len(job.model.labels)}
+        task = task_of(job.model.task)
+        cls = task.auto_class
+        kw = task.label_kwargs(job.model.labels)
         plain = cls.from_pretrained(job.model.name_or_path, **kw)
         loaded = load_prompt(result.artifact, plain).eval()
         with torch.no_grad():

@@ -124,3 +124,51 @@ class running_mlflow_server:  # noqa: N801 (a context manager, used like a funct
     def __exit__(self, *exc) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
+
+
+def write_spec(
+    folder,
+    task: str = "causal-lm",
+    arch: str = "llama",
+    labels=None,
+    n_train: int = 64,
+    n_dev: int = 16,
+    filename: str = "job.yaml",
+    **sections,
+):
+    """A tiny model, synthetic train/dev data and a job spec over them in `folder`; returns the
+    spec's path. `sections` are merged into the defaults (a nested dict merges, None removes a
+    key); `name=None` writes the bare training sections `python -m ptv2.train` reads."""
+    from pathlib import Path
+
+    import yaml
+
+    from tests.tiny import save_tiny, write_task_data
+
+    folder = Path(folder)
+    if not (folder / "model").exists():
+        save_tiny(folder / "model", arch, task, labels)
+    write_task_data(folder / "train.jsonl", task, n=n_train)
+    write_task_data(folder / "dev.jsonl", task, n=n_dev, seed=1)
+    spec = {
+        "name": "tiny",
+        "model": {"name_or_path": "model", "task": task, **({"labels": labels} if labels else {})},
+        "prompt": {"length": 4},
+        "data": {"train_file": "train.jsonl", "validation_file": "dev.jsonl", "max_length": 32},
+        "train": {"max_steps": 8, "lr": 0.05, "micro_batch_size": 8, "log_every": 1, "eval_every": 4},
+    }
+    path = folder / filename
+    path.write_text(yaml.safe_dump(_merged(spec, sections)))
+    return path
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -13,7 +13,7 @@ from transformers import AutoModel
 
 from ptv2.artifact import load_prompt, save_prompt
 from ptv2.model import PromptedModel, load_base_model
-from ptv2.prefix import PromptConfig
+from ptv2.settings import PromptConfig
 from tests.helpers import randomize_prompt
 from tests.tiny import tiny_config, tiny_model, tiny_tokenizer
 
@@ -48,7 +48,7 @@ def make_prompt(
     torch.manual_seed(seed + 1000)  # the task head: new at load, so drawn here
     base, _ = load_base_model(base_dir, task, labels)
     model = PromptedModel(base, PromptConfig(method=method, length=length, init="normal"), task)
-    if model.prompt is not None:
+    if model.prompt.length:
         randomize_prompt(model, seed=seed, scale=0.5)
     return save_prompt(
         model, out, base_name_or_path=str(base_dir), labels=labels, template=template, max_length=max_length

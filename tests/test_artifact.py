@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from ptv2.artifact import FOLDED, MANIFEST, RAW, ArtifactError, load_prompt, read_manifest, save_prompt, sha256_file
 from ptv2.model import PromptedModel
-from ptv2.prefix import PromptConfig
+from ptv2.settings import PromptConfig
 from tests.helpers import fit, randomize_prompt
 from tests.tiny import tiny_config, tiny_model
 
@@ -31,7 +31,7 @@ def _labels(task):
 
 def _trained(arch, task, cfg, seed=0):
     model = PromptedModel(tiny_model(arch, task, _labels(task), seed=seed), cfg, task)
-    if model.prompt is not None:
+    if model.prompt.length:
         randomize_prompt(model, seed=1, scale=0.5)
     ids = torch.randint(3, 96, (4, T))
     labels = ids if task == "causal-lm" else (torch.tensor([0, 1, 0, 1]) if task == "seq-cls" else ids % 3)

@@ -15,8 +15,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer as Checkpoin
 from ptv2 import dsconfig
 from ptv2.dsconfig import HEADROOM, Choice, MemoryEstimate, choose
 from ptv2.model import PromptedModel, load_base_model
-from ptv2.prefix import PromptConfig
-from ptv2.settings import DeepSpeedSettings, TrainJob
+from ptv2.settings import DeepSpeedSettings, PromptConfig, TrainJob
 from tests.tiny import ARCHS, DECODERS, save_tiny, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent

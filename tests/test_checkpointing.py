@@ -16,7 +16,7 @@ import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ptv2.model import PromptedModel
-from ptv2.prefix import PromptConfig
+from ptv2.settings import PromptConfig
 from tests.helpers import randomize_prompt
 from tests.tiny import tiny_model
 
@@ -85,7 +85,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from ptv2 import dsconfig
 from ptv2.distributed import setup
 from ptv2.model import PromptedModel
-from ptv2.prefix import PromptConfig
+from ptv2.settings import PromptConfig
 from ptv2.settings import TrainJob
 from tests.helpers import randomize_prompt
 from tests.test_checkpointing import LABELS, _batch

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from launcher.cli import app
 from ptv2.artifact import save_prompt
 from ptv2.model import PromptedModel, load_base_model
-from ptv2.prefix import PromptConfig
+from ptv2.settings import PromptConfig
 from tests.helpers import randomize_prompt
 from tests.tiny import save_tiny
 

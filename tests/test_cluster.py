@@ -21,8 +21,7 @@ import pytest
 import yaml
 
 from tests.conftest import S3_BUCKET
-from tests.helpers import free_port, running_mlflow_server, wait_for
-from tests.tiny import save_tiny, write_task_data
+from tests.helpers import free_port, running_mlflow_server, wait_for, write_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,37 +109,24 @@ def _ptv2(args, cwd: Path, timeout=300):
 
 
 def _spec(tmp: Path, tracking_uri: str) -> Path:
-    save_tiny(tmp / "model", "llama", "causal-lm")
-    write_task_data(tmp / "train.jsonl", "causal-lm", n=64)
-    write_task_data(tmp / "dev.jsonl", "causal-lm", n=16, seed=1)
-    import boto3
-
-    boto3.client("s3").upload_file(str(tmp / "dev.jsonl"), BUCKET, "data/dev.jsonl")
-    spec = {
-        "name": "multinode",
-        "model": {"name_or_path": str(tmp / "model"), "task": "causal-lm"},
-        "prompt": {"length": 4},
+    path = write_spec(
+        tmp,
+        name="multinode",
+        model={"name_or_path": str(tmp / "model")},
         # the training file is shipped with the job; the validation file is read from the store
-        "data": {"train_file": "train.jsonl", "validation_file": f"s3://{BUCKET}/data/dev.jsonl", "max_length": 32},
-        "train": {
-            "max_steps": 60,
-            "lr": 0.05,
-            "micro_batch_size": 8,
-            "log_every": 1,
-            "eval_every": 20,
-            "checkpoint_every": 4,
-            "max_failures": 1,
-        },
-        "deepspeed": {
+        data={"validation_file": f"s3://{BUCKET}/data/dev.jsonl"},
+        train={"max_steps": 60, "eval_every": 20, "checkpoint_every": 4, "max_failures": 1},
+        deepspeed={
             "config": "zero3.json",  # partitioned frozen weights across the nodes, whatever auto would pick
             "overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
         },
-        "storage": f"s3://{BUCKET}/jobs",
-        "resources": {"workers": 2, "cpus_per_worker": 1},
-        "tracking": {"experiment": "multinode", "tracking_uri": tracking_uri},
-    }
-    path = tmp / "job.yaml"
-    path.write_text(yaml.safe_dump(spec))
+        storage=f"s3://{BUCKET}/jobs",
+        resources={"workers": 2, "cpus_per_worker": 1},
+        tracking={"experiment": "multinode", "tracking_uri": tracking_uri},
+    )
+    import boto3
+
+    boto3.client("s3").upload_file(str(tmp / "dev.jsonl"), BUCKET, "data/dev.jsonl")
     return path
 
 

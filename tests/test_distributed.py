@@ -15,39 +15,33 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from tests.tiny import save_tiny, write_task_data
+from tests.helpers import write_spec
+from tests.tiny import save_tiny
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 WORKER = Path(__file__).with_name("dist_worker.py")
 ROOT = Path(__file__).resolve().parent.parent
 
 
+ALL_PARTITIONED = {"stage3_param_persistence_threshold": 0}  # tiny weights too: partitioning is what is tested
+
+
 def _job(tmp: Path, arch: str, task: str, labels=None, **train) -> Path:
-    save_tiny(tmp / "model", arch, task, labels)
-    write_task_data(tmp / "train.jsonl", task, n=96)
-    write_task_data(tmp / "dev.jsonl", task, n=32, seed=1)
-    spec = {
-        "model": {"name_or_path": "model", "task": task, **({"labels": labels} if labels else {})},
-        "prompt": {"length": 4},
-        "data": {"train_file": "train.jsonl", "validation_file": "dev.jsonl", "max_length": 32},
-        "train": {
-            "max_steps": 24,
-            "lr": 0.1,
-            "micro_batch_size": 8,
-            "log_every": 1,
-            "eval_every": 12,
-            "checkpoint_every": 4,
-            **train,
-        },
-        "deepspeed": {
+    return write_spec(
+        tmp,
+        task,
+        arch,
+        labels,
+        n_train=96,
+        n_dev=32,
+        name=None,
+        train={"max_steps": 24, "lr": 0.1, "eval_every": 12, "checkpoint_every": 4, **train},
+        deepspeed={
             "config": "zero3.json",
             "overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
         },
-        "storage": "out",
-    }
-    path = tmp / "job.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+        storage="out",
+    )
 
 
 def torchrun(job: Path, report: Path, *extra: str, env: dict | None = None, check: bool = True):

@@ -10,7 +10,7 @@ import pytest
 from ptv2.artifact import MANIFEST, ArtifactError, load_prompt, read_manifest, save_prompt
 from ptv2.infer import apply_template, generate, predict
 from ptv2.model import PromptedModel
-from ptv2.prefix import PromptConfig
+from ptv2.settings import PromptConfig
 from tests.helpers import randomize_prompt
 from tests.tiny import tiny_model, tiny_tokenizer
 
@@ -61,7 +61,8 @@ def test_manifest_stores_the_template_and_max_length_and_generate_applies_the_te
     assert manifest["data"] == {"prompt_template": TEMPLATE, "max_length": 16}
     assert (model.prompt_template, model.max_length) == (TEMPLATE, 16)
     laid_out = ["w30 w31 w1 w2 w3 w32", "w30 w31 w5 w32"]
-    assert apply_template(model, TEXTS[:2]) == apply_template(manifest, TEXTS[:2]) == laid_out
+    assert apply_template(model.prompt_template, TEXTS[:2]) == laid_out
+    assert apply_template(manifest["data"]["prompt_template"], TEXTS[:2]) == laid_out
     by_default = generate(model, tok, TEXTS[:2], max_new_tokens=5)
     assert by_default == generate(model, tok, laid_out, max_new_tokens=5, raw=True)
     assert apply_template(None, TEXTS[:2]) == TEXTS[:2]  # artifacts without a stored template

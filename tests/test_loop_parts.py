@@ -4,15 +4,19 @@ that count each example once across ranks, the learning-rate schedule."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from ptv2 import checkpoint, dsconfig
-from ptv2.data import IGNORE_INDEX, BatchStream, DataError, collator, join_generation, load_examples
-from ptv2.evaluate import entity_spans, evaluate, shard
+from ptv2.data import BatchStream, DataError, collator, load_examples
+from ptv2.evaluate import evaluate, shard
 from ptv2.settings import DataSettings, TrainJob
-from ptv2.train import SCHEDULES, labelled
+from ptv2.tasks import IGNORE_INDEX, task_of
+from ptv2.tasks.causal_lm import join_generation
+from ptv2.tasks.tagging import entity_spans
+from ptv2.trainee import SCHEDULES
 from tests.tiny import tiny_tokenizer
 
 
@@ -185,9 +189,9 @@ def test_batch_stream_gives_every_rank_equal_disjoint_shards_and_resumes_anywher
 
 def test_every_target_of_a_step_weighs_the_same():
     labels = torch.tensor([[IGNORE_INDEX, 4, 5], [IGNORE_INDEX, IGNORE_INDEX, 6]])
-    assert labelled({"labels": labels}, "causal-lm") == 3  # next-token targets: positions 1.. of the labels
-    assert labelled({"labels": labels}, "token-cls") == 3
-    assert labelled({"labels": torch.tensor([0, 1, 1])}, "seq-cls") == 3
+    assert task_of("causal-lm").targets({"labels": labels}) == 3  # next-token targets: positions 1.. of the labels
+    assert task_of("token-cls").targets({"labels": labels}) == 3
+    assert task_of("seq-cls").targets({"labels": torch.tensor([0, 1, 1])}) == 3
 
 
 def test_entity_spans():
@@ -213,7 +217,7 @@ def test_evaluation_counts_each_example_once():
     examples = [{"input_ids": [3 + i], "attention_mask": [1], "labels": i % 2} for i in range(5)]
 
     def forward(input_ids, attention_mask):  # predicts class 1 for every input
-        return torch.tensor([[0.0, 1.0]]).expand(len(input_ids), 2)
+        return SimpleNamespace(logits=torch.tensor([[0.0, 1.0]]).expand(len(input_ids), 2))
 
     import ptv2.evaluate as ev
 
@@ -257,13 +261,13 @@ def _over_ranks(world: int, run) -> list[float]:
 @pytest.mark.parametrize("method", ["ptv2", "prompt-tuning"])
 @torch.no_grad()
 def test_causal_lm_eval_scores_labelled_tokens_on_the_device_as_from_full_logits(method):
-    """Loss and accuracy from the labelled positions only (from `forward`'s logits, or with the LM
-    head applied there alone through `labelled_stats`) equal those of the full logits over every
-    position, copied to the CPU as before; over 2 ranks, the padded repeat excluded."""
+    """Loss and accuracy from the labelled positions only (the LM head applied there alone, through
+    `labelled_stats`) equal those of the full logits over every position, copied to the CPU; over
+    2 ranks, the padded repeat excluded."""
     import torch.nn.functional as F
 
     from ptv2.model import PromptedModel
-    from ptv2.prefix import PromptConfig
+    from ptv2.settings import PromptConfig
     from tests.helpers import randomize_prompt
     from tests.tiny import tiny_model
 
@@ -288,16 +292,12 @@ def test_causal_lm_eval_scores_labelled_tokens_on_the_device_as_from_full_logits
     head_rows = []
     hook = model.base.lm_head.register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape[:-1].numel()))
     cpu, collate = torch.device("cpu"), collator(tiny_tokenizer(), "causal-lm")
-    forward = lambda **b: model(**b).logits  # noqa: E731
-    labelled = lambda **b: model(**b, labelled_stats=True)  # noqa: E731
-    for kwargs in ({}, {"labelled": labelled}):
-        head_rows.clear()
-        s = _over_ranks(2, lambda r: evaluate(forward, examples, "causal-lm", None, 2, collate, r, 2, cpu, **kwargs))  # noqa: B023
-        assert s[1] == s[3] == count
-        assert s[0] / s[1] == pytest.approx(loss_sum / count, abs=1e-6, rel=1e-6)
-        assert s[2] == correct
-        if kwargs:  # the LM head saw only the labelled positions (the padded repeat has none)
-            assert sum(head_rows) == count
+    head_rows.clear()
+    s = _over_ranks(2, lambda r: evaluate(model, examples, "causal-lm", None, 2, collate, r, 2, cpu))
+    assert s[1] == count
+    assert s[0] / s[1] == pytest.approx(loss_sum / count, abs=1e-6, rel=1e-6)
+    assert s[2] == correct
+    assert sum(head_rows) == count  # the LM head saw only the labelled positions (the padded repeat has none)
     hook.remove()
 
 
@@ -335,7 +335,7 @@ def test_entity_scores_across_ranks_equal_seqeval(world):
         out = torch.zeros(*input_ids.shape, len(names))
         for b, row in enumerate(input_ids):
             out[b, torch.arange(len(preds[row[0] - 10])), torch.tensor(preds[row[0] - 10])] = 1.0
-        return out
+        return SimpleNamespace(logits=out)
 
     import ptv2.evaluate as ev
 
@@ -526,8 +526,9 @@ def test_the_set_ups_op_build_is_reused_whichever_ninja_comes_first_on_path():
 def test_gradient_accumulation_weighs_every_labelled_token_of_the_step_alike():
     """Two micro-batches with 1 and 5 labelled next-token targets: the step's gradient equals the
     gradient of the mean over all 6 targets, not the mean of the two micro-batch means."""
-    from ptv2.distributed import Dist
-    from ptv2.train import Trainee, train_step
+    from ptv2.distributed import Process
+    from ptv2.train import train_step
+    from ptv2.trainee import Trainee
     from tests.tiny import tiny_model
 
     torch.manual_seed(0)
@@ -549,8 +550,8 @@ def test_gradient_accumulation_weighs_every_labelled_token_of_the_step_alike():
     long = {"input_ids": ids[1:], "attention_mask": torch.ones(1, 8, dtype=torch.long), "labels": ids[1:].clone()}
     long["labels"][0, :2] = -100  # 5 targets
     trainee = Trainee(model, Engine(), None, None, 1, {}, {})
-    d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
-    loss, _ = train_step(trainee, [short, long], "causal-lm", d)
+    d = Process(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    loss, _ = train_step(trainee, [short, long], task_of("causal-lm"), d)
     stepped = [p.grad.clone() for p in model.parameters()]
 
     model.zero_grad()

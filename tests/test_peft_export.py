@@ -10,7 +10,7 @@ import torch
 from ptv2.artifact import ArtifactError, save_prompt
 from ptv2.model import PromptedModel
 from ptv2.peft_export import export_peft
-from ptv2.prefix import PromptConfig
+from ptv2.settings import PromptConfig
 from tests.helpers import randomize_prompt
 from tests.tiny import tiny_model
 

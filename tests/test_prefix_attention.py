@@ -9,8 +9,10 @@ import pytest
 import torch
 from transformers import AutoConfig, DynamicCache
 
+from ptv2.geometry import Geometry, UnsupportedModelError
 from ptv2.model import PromptedModel, build_from_config, vocab_init_ids
-from ptv2.prefix import Geometry, PromptConfig, UnsupportedModelError, count_prompt_parameters
+from ptv2.prompt import count_prompt_parameters
+from ptv2.settings import PromptConfig
 from tests.helpers import randomize_prompt, set_prefix
 from tests.tiny import ARCHS, DECODERS, ENCODERS, tiny_config, tiny_model, tiny_tokenizer
 
@@ -70,7 +72,7 @@ def test_llama_gqa_layer_attention_equals_hand_computation():
     cos, sin = model.base.model.rotary_emb(h, torch.arange(P, P + T)[None].expand(B, -1))
     cos, sin = cos[:, None], sin[:, None]
     q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-    kv = model.prompt()  # [layers, 2, kv_heads, P, head_dim]
+    kv = model.prompt.keys_values()  # [layers, 2, kv_heads, P, head_dim]
     keys = torch.cat([kv[1, 0].expand(B, -1, -1, -1), k], dim=2)
     values = torch.cat([kv[1, 1].expand(B, -1, -1, -1), v], dim=2)
     groups = g.num_heads // g.num_kv_heads  # each kv head serves `groups` query heads
@@ -93,7 +95,7 @@ def test_gpt2_layer_attention_equals_hand_computation():
     B = h.shape[0]
     q, k, v = attn.c_attn(h).split(g.hidden_size, dim=2)
     q, k, v = (x.view(B, T, g.num_heads, g.head_dim).transpose(1, 2) for x in (q, k, v))
-    kv = model.prompt()
+    kv = model.prompt.keys_values()
     keys = torch.cat([kv[0, 0].expand(B, -1, -1, -1), k], dim=2)
     values = torch.cat([kv[0, 1].expand(B, -1, -1, -1), v], dim=2)
     ctx = _attend(q, keys, values, causal_from=P).transpose(1, 2).reshape(B, T, -1)
@@ -113,7 +115,7 @@ def test_bert_layer_attention_equals_hand_computation():
     h = seen["h"]
     B = h.shape[0]
     q, k, v = (lin(h).view(B, T, g.num_heads, g.head_dim).transpose(1, 2) for lin in (attn.query, attn.key, attn.value))
-    kv = model.prompt()
+    kv = model.prompt.keys_values()
     keys = torch.cat([kv[1, 0].expand(B, -1, -1, -1), k], dim=2)
     values = torch.cat([kv[1, 1].expand(B, -1, -1, -1), v], dim=2)
     ctx = _attend(q, keys, values, causal_from=None).transpose(1, 2).reshape(B, T, -1)  # bidirectional
@@ -161,7 +163,7 @@ def test_token_initialised_prefix_holds_the_encoders_keys_values(arch):
     cache = DynamicCache(config=None)
     base.base_model(input_ids=a[None], use_cache=True, **{model.cache_kwarg: cache})
     expected = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
-    torch.testing.assert_close(model.prompt(), expected)
+    torch.testing.assert_close(model.prompt.keys_values(), expected)
 
 
 @pytest.mark.parametrize("method", ["ptv2", "prompt-tuning"])
@@ -211,7 +213,7 @@ def test_zero_length_prompt_is_the_plain_model(arch, method):
     ids = torch.randint(2, 96, (3, T))
     plain = base(ids).logits
     model = PromptedModel(base, PromptConfig(method=method, length=0), task)
-    assert model.prompt is None
+    assert model.prompt.length == 0
     torch.testing.assert_close(model(ids).logits, plain, rtol=0, atol=0)
 
 
@@ -240,7 +242,7 @@ def test_prefix_is_sized_by_kv_heads_and_head_dim(arch):
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     assert (g.num_kv_heads, g.head_dim, g.num_layers) == (kv_heads, head_dim, cfg.num_hidden_layers)
     model = PromptedModel(tiny_model(arch, "seq-cls", ["a", "b"]), PromptConfig(length=P), "seq-cls")
-    assert model.prompt().shape == (g.num_layers, 2, kv_heads, P, head_dim)
+    assert model.prompt.keys_values().shape == (g.num_layers, 2, kv_heads, P, head_dim)
     n = sum(p.numel() for p in model.prompt.parameters())
     assert n == P * g.num_layers * 2 * kv_heads * head_dim == count_prompt_parameters(PromptConfig(length=P), g, True)
 

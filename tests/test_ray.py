@@ -9,38 +9,15 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.helpers import FailOnce
-from tests.tiny import save_tiny, write_task_data
+from tests.helpers import FailOnce, write_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _spec(tmp: Path, **train) -> Path:
-    save_tiny(tmp / "model", "llama", "causal-lm")
-    write_task_data(tmp / "train.jsonl", "causal-lm", n=64)
-    write_task_data(tmp / "dev.jsonl", "causal-lm", n=16, seed=1)
-    spec = {
-        "name": "tiny",
-        "model": {"name_or_path": "model", "task": "causal-lm"},
-        "prompt": {"length": 4},
-        "data": {"train_file": "train.jsonl", "validation_file": "dev.jsonl", "max_length": 32},
-        "train": {
-            "max_steps": 8,
-            "lr": 0.05,
-            "micro_batch_size": 8,
-            "log_every": 1,
-            "eval_every": 4,
-            "checkpoint_every": 4,
-            **train,
-        },
-        "resources": {"workers": 2},
-    }
-    path = tmp / "job.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    return write_spec(tmp, train={"checkpoint_every": 4, **train}, resources={"workers": 2})
 
 
 @pytest.fixture

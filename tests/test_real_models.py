@@ -9,10 +9,11 @@ from transformers import AutoTokenizer
 
 from ptv2.artifact import ArtifactError, load_prompt, save_prompt
 from ptv2.assets import chat_pairs, wnut16_sentences
-from ptv2.data import IGNORE_INDEX, collator, encode_generation, encode_tagging
+from ptv2.data import collator, encode_examples
 from ptv2.infer import generate, predict
 from ptv2.model import PromptedModel, load_base_model
-from ptv2.prefix import PromptConfig
+from ptv2.settings import DataSettings, PromptConfig
+from ptv2.tasks import IGNORE_INDEX
 from tests.helpers import fit
 
 pytestmark = pytest.mark.slow
@@ -34,7 +35,8 @@ def test_minilm_ner_prompt_learns_predicts_and_reloads(minilm, ner, tmp_path):
     assert model.geometry.num_layers == 6 and model.geometry.kv_width == 384
     n_trainable = sum(p.numel() for _, p in model.trainable_parameters())
     assert n_trainable / sum(p.numel() for p in base.parameters()) < 0.01
-    batch = collator(tok, "token-cls")([encode_tagging(tok, s["tokens"], s["tags"], tags, 64) for s in sentences])
+    data = DataSettings(train_file="-", max_length=64)
+    batch = collator(tok, "token-cls")(encode_examples(sentences, data, "token-cls", tags, tok))
     losses = fit(model, batch, steps=15, lr=3e-2)
     assert losses[-1] < 0.5 * losses[0], losses
     out = predict(model, tok, [s["tokens"] for s in sentences[:4]])
@@ -71,7 +73,8 @@ def test_smollm2_prompt_learns_responses_and_generates(smollm2):
     g = model.geometry
     assert (g.num_layers, g.num_heads, g.num_kv_heads, g.head_dim) == (30, 9, 3, 64)  # GQA
     pairs = chat_pairs()[:8]
-    feats = [encode_generation(tok, p["prompt"] + "\n", p["response"], 64) for p in pairs]
+    data = DataSettings(train_file="-", max_length=64)  # the default template: "{prompt}\n"
+    feats = encode_examples(pairs, data, "causal-lm", None, tok)
     n_prompt = len(tok(pairs[0]["prompt"] + "\n")["input_ids"])
     assert feats[0]["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt  # no loss on the prompt
     assert feats[0]["labels"][-1] == tok.eos_token_id

@@ -125,7 +125,7 @@ def server():
     args += ["--prompt", f"cls-b={prompts['cls-b']}", "--prompt", f"tag-b={prompts['tag-b']}"]
     args += ["--prompt", "chat=models:/chat@prod", "--prompt", f"soft={soft_run}"]
     args += ["--tracking-uri", registry.uri, "--port", str(port), "--token-file", str(d / "token")]
-    args += ["--max-batch-size", "8", "--batch-wait-ms", "30", "--refresh-s", "0", "--max-new-tokens", "64"]
+    args += ["--max-batch-size", "8", "--refresh-s", "0", "--max-new-tokens", "64"]
     log = open(d / "serve.log", "w")  # noqa: SIM115 (closed at teardown)
     proc = subprocess.Popen(
         [sys.executable, "-m", "launcher.cli", "serve", *args],
@@ -215,11 +215,12 @@ def test_three_prompts_at_once_answer_as_each_alone_in_shared_batches(server, ex
     for (_, _, name, text), (status, body) in zip(reqs, answers, strict=True):
         _check(expected, name, text, status, body)
     after = call(url, "/v1/stats")[1]
-    for kind in ("predict", "generate"):
-        batches = after[kind]["batches"] - before.get(kind, {}).get("batches", 0)
-        prompts = after[kind]["prompts"] - before.get(kind, {}).get("prompts", 0)
-        assert prompts > batches, (kind, after)  # some batches held rows of both prompts
-        assert after[kind]["largest"] > 1
+    batches = after["predict_batches"] - before["predict_batches"]
+    prompts = after["predict_prompts"] - before["predict_prompts"]
+    assert prompts > batches and after["predict_largest"] > 1, after  # some batches held rows of several prompts
+    steps = after["decode_steps"] - before["decode_steps"]
+    rows = after["decode_rows"] - before["decode_rows"]
+    assert rows > steps and after["decode_largest"] > 1, after  # generations decoded side by side
 
 
 def test_a_registry_alias_moved_mid_traffic_switches_after_verification(server, expected):
@@ -452,49 +453,46 @@ def test_stress_mixed_traffic_while_prompts_come_and_go_and_hostile_bodies_arriv
     assert server["proc"].poll() is None and call(url, "/health", token=None)[0] == 200
 
 
-def test_the_model_queue_fills_batches_while_the_model_computes():
+def test_the_scheduler_fills_prediction_batches_while_the_model_computes():
     """Requests that arrive while a batch computes all go into the next forward (whole requests,
-    up to max_rows); an error reaches that batch's callers and the queue goes on."""
-    import asyncio
-
-    from launcher.serve import ModelQueue
+    up to max_rows); a request whose rows fail fails alone, the others batched with it are
+    answered, and the model thread goes on."""
+    from ptv2.scheduler import Scheduler
 
     calls, busy = [], threading.Event()
 
-    def run(rows):
-        calls.append(list(rows))
-        if len(calls) == 1:
-            busy.wait(10)  # the first batch computes while more requests arrive
-        if 0 in rows:
-            raise ValueError("bad row")
-        return [r * 10 for r in rows]
+    class Probe(Scheduler):  # the model: records its batches, the first one slow
+        def run_predictions(self, rows):
+            calls.append(list(rows))
+            if len(calls) == 1:
+                busy.wait(10)  # the first batch computes while more requests arrive
+            if 0 in rows:
+                raise ValueError("bad row")
+            return [r * 10 for r in rows]
 
-    async def main():
-        queue = ModelQueue(run, max_rows=4)
-        first = asyncio.create_task(queue.submit([1]))
-        await asyncio.sleep(0.1)
-        rest = [asyncio.create_task(queue.submit(rows)) for rows in ([2], [3, 4], [5], [6, 7])]
-        await asyncio.sleep(0.1)
+    scheduler = Probe(None, max_rows=4)
+    try:
+        first = scheduler.predict([1])
+        time.sleep(0.2)
+        rest = [scheduler.predict(rows) for rows in ([2], [3, 4], [5], [6, 7])]
+        time.sleep(0.2)
         busy.set()
-        answers = [await first, *await asyncio.gather(*rest)]
-        with pytest.raises(ValueError, match="bad row"):
-            await queue.submit([0, 8])
-        # a request whose rows fail does not fail the others batched with it: each runs alone
+        assert [first.result(10)] + [f.result(10) for f in rest] == [[10], [20], [30, 40], [50], [60, 70]]
+        assert calls == [[1], [2, 3, 4, 5], [6, 7]]
         busy.clear()
         calls.clear()
-        blocker = asyncio.create_task(queue.submit([11]))
-        await asyncio.sleep(0.1)
-        bad, good = asyncio.create_task(queue.submit([0])), asyncio.create_task(queue.submit([12]))
-        await asyncio.sleep(0.1)
+        blocker = scheduler.predict([11])
+        time.sleep(0.2)
+        bad, good = scheduler.predict([0]), scheduler.predict([12])
+        time.sleep(0.2)
         busy.set()
-        await blocker
+        assert blocker.result(10) == [110] and good.result(10) == [120]
         with pytest.raises(ValueError, match="bad row"):
-            await bad
-        return answers, await good, await queue.submit([9])
-
-    answers, isolated, after = asyncio.run(main())
-    assert answers == [[10], [20], [30, 40], [50], [60, 70]] and isolated == [120] and after == [90]
-    assert calls == [[11], [0, 12], [0], [12], [9]]
+            bad.result(10)
+        assert scheduler.predict([9]).result(10) == [90]
+        assert calls == [[11], [0, 12], [0], [12], [9]]
+    finally:
+        scheduler.close()
 
 
 def test_serving_on_a_cluster_whose_serve_listens_elsewhere_is_refused_naming_the_real_bind(tmp_path):
@@ -548,7 +546,7 @@ def test_replicas_on_one_host_fetch_a_cached_prompt_one_at_a_time(tmp_path):
     base = save_base(tmp_path / "base", "llama")
     registry = Registry(tmp_path)
     registry.register(make_prompt(tmp_path / "p", base, "seq-cls", "ptv2", 3), "cls", "prod")
-    pinned = pin(registry.uri, "models:/cls@prod")["pinned"]
+    pinned = pin(registry.uri, "models:/cls@prod").pinned
     cache = tmp_path / "cache"
 
     def load(_):
@@ -564,18 +562,18 @@ def test_replicas_on_one_host_fetch_a_cached_prompt_one_at_a_time(tmp_path):
 
 
 def test_a_prompt_version_that_failed_to_load_is_retried_with_backoff():
-    from launcher.serve import LoadFailures
+    from launcher.serve_sources import Entry, LoadFailures
 
     f = LoadFailures()
-    entry = {"pinned": "runs:/abc/prompt", "version": "3"}
-    assert f.may_try("chat", entry["pinned"], now=0)
+    entry = Entry("chat", "models:/chat@prod", "runs:/abc/prompt", "3")
+    assert f.may_try("chat", entry.pinned, now=0)
     f.record("chat", entry, "the tracking server did not answer", now=100)
-    assert not f.may_try("chat", entry["pinned"], now=104) and f.may_try("chat", entry["pinned"], now=105)
+    assert not f.may_try("chat", entry.pinned, now=104) and f.may_try("chat", entry.pinned, now=105)
     f.record("chat", entry, "again", now=105)
-    assert not f.may_try("chat", entry["pinned"], now=114) and f.may_try("chat", entry["pinned"], now=115)
+    assert not f.may_try("chat", entry.pinned, now=114) and f.may_try("chat", entry.pinned, now=115)
     assert f.may_try("chat", "runs:/def/prompt", now=106)  # another version: at once
     for i in range(20):
         f.record("chat", entry, "down", now=1000 + i)
-    assert f.get("chat")["attempts"] == 22 and f.may_try("chat", entry["pinned"], now=1019 + LoadFailures.MAX_S)
+    assert f.get("chat")["attempts"] == 22 and f.may_try("chat", entry.pinned, now=1019 + LoadFailures.MAX_S)
     f.clear("chat")
     assert f.get("chat") is None

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from ptv2 import generation as gen
 from ptv2 import serving as sv
 from ptv2.artifact import FOLDED, MANIFEST, ArtifactError
 from ptv2.infer import generate as generate_alone
@@ -53,10 +54,11 @@ def _bank(tmp_path, base_dir, specs, attn="sdpa", **bank_kwargs):
 
 def _lm_logits(served, rows):
     """Next-token logits over every input token, from ONE forward of the mixed batch."""
-    kwargs, layout = served.batch_inputs(rows, side="right")
+    batch = served.batch_inputs(rows, side="right")
+    tokens = batch.input_mask[:, batch.soft :].bool()
     with torch.inference_mode():
-        hidden = served.body(**kwargs, use_cache=False).last_hidden_state
-        return [served.lm_head(hidden[i, layout.tokens(i)]) for i in range(len(rows))]
+        hidden = served.body(**batch.kwargs, use_cache=False).last_hidden_state[:, batch.soft :]
+        return [served.lm_head(hidden[i][tokens[i]]) for i in range(len(rows))]
 
 
 def _alone_logits(model, row):
@@ -82,11 +84,11 @@ def test_each_row_of_a_mixed_batch_equals_its_prompt_alone(tmp_path, bases, arch
     specs = ENCODER_PROMPTS if arch in ("bert", "roberta") else DECODER_PROMPTS
     served, bank = _bank(tmp_path, bases[arch], specs, attn)
     prompts = [bank.get(f"p{i}") for i in range(len(specs))]
-    assert {p.piece.method for p in prompts} >= {"ptv2", "prompt-tuning"}
+    assert {p.manifest["prompt"]["method"] for p in prompts} >= {"ptv2", "prompt-tuning"}
     assert len({p.length for p in prompts}) >= 4
     # every prompt with texts of different lengths, interleaved: one batch, one body forward
-    lm_rows = [sv.encode_generate(served, p, t, raw=True) for t in TEXTS for p in prompts if p.task == "causal-lm"]
-    cls_rows = [sv.encode_predict(served, p, t) for t in TEXTS for p in prompts if p.task != "causal-lm"]
+    lm_rows = [gen.encode_generate(served, p, t, raw=True) for t in TEXTS for p in prompts if p.task.generates]
+    cls_rows = [sv.encode_predict(served, p, t) for t in TEXTS for p in prompts if not p.task.generates]
     calls = []
     hook = served.body.register_forward_hook(lambda *a: calls.append(1))
     mixed = sv.predict_logits(served, cls_rows)
@@ -97,7 +99,7 @@ def test_each_row_of_a_mixed_batch_equals_its_prompt_alone(tmp_path, bases, arch
     worst = 0.0
     for row, got in zip(cls_rows + lm_rows, mixed, strict=True):
         ref = _alone_logits(alone(row.prompt.path, bases[arch]), row)
-        if row.prompt.task == "causal-lm":
+        if row.prompt.task.generates:
             assert got.shape == ref.shape == (len(row.ids), 96)
         assert got.shape == ref.shape
         worst = max(worst, float((got - ref).abs().max()))
@@ -124,7 +126,7 @@ def test_mixed_predict_answers_as_ptv2_predict_does(tmp_path, bases, arch):
     for (name, text), got in zip(inputs, results, strict=True):
         model = alone(bank.get(name).path, bases[arch])
         want = predict_alone(model, tok, [text])[0]
-        if model.task == "seq-cls":
+        if model.task.name == "seq-cls":
             assert got["label"] == want["label"]
             assert got["scores"] == pytest.approx(want["scores"], abs=1e-5)
         else:
@@ -162,8 +164,8 @@ def test_mixed_generation_equals_each_prompt_alone(tmp_path, bases, arch):
     tok = tiny_tokenizer()
     cases = [(f"g{i}", text, 3 + 4 * k) for k, text in enumerate(TEXTS[:3]) for i in range(3)]
     want = {c: generate_alone(alone(bank.get(c[0]).path, base_dir), tok, [c[1]], max_new_tokens=c[2])[0] for c in cases}
-    rows = [sv.encode_generate(served, bank.get(n), t, max_new_tokens=m) for n, t, m in cases]
-    got = sv.generate(served, rows)
+    rows = [gen.encode_generate(served, bank.get(n), t, max_new_tokens=m) for n, t, m in cases]
+    got = gen.generate(served, rows)
     assert [g.text for g in got] == [want[c] for c in cases]
     assert any(g.finish_reason == "length" for g in got) and all(g.prompt_tokens > 0 for g in got)
     # a stop string cuts each row's text where it first appears (and only that row's)
@@ -171,8 +173,8 @@ def test_mixed_generation_equals_each_prompt_alone(tmp_path, bases, arch):
     assert long, "no continuation long enough to test a stop string"
     (name, text, n), full = long[0]
     stop = full.split()[1]
-    rows = [sv.encode_generate(served, bank.get(name), text, max_new_tokens=n, stop=[stop])] + rows
-    got = sv.generate(served, rows)
+    rows = [gen.encode_generate(served, bank.get(name), text, max_new_tokens=n, stop=[stop])] + rows
+    got = gen.generate(served, rows)
     assert got[0].text == full[: full.find(stop)] and got[0].finish_reason == "stop"
     assert [g.text for g in got[1:]] == [want[c] for c in cases]
 
@@ -181,12 +183,12 @@ def test_sampling_depends_on_the_seed_not_on_the_batch(tmp_path, bases):
     served, bank = _bank(tmp_path, bases["llama"], [("causal-lm", "ptv2", 3), ("causal-lm", "prompt-tuning", 2)])
 
     def row(name, seed):
-        return sv.encode_generate(
+        return gen.encode_generate(
             served, bank.get(name), "w1 w2", max_new_tokens=12, temperature=1.5, top_k=40, seed=seed
         )
 
-    alone_7 = sv.generate(served, [row("p0", 7)])[0].token_ids
-    mixed = sv.generate(served, [row("p1", 1), row("p0", 7), row("p0", 8)])
+    alone_7 = gen.generate(served, [row("p0", 7)])[0].token_ids
+    mixed = gen.generate(served, [row("p1", 1), row("p0", 7), row("p0", 8)])
     assert mixed[1].token_ids == alone_7
     assert mixed[2].token_ids != alone_7
 
@@ -198,20 +200,20 @@ def test_a_row_that_cannot_be_sampled_fails_alone_and_tiny_temperatures_are_gree
     served, bank = _bank(tmp_path, bases["llama"], [("causal-lm", "ptv2", 3), ("causal-lm", "ptv2", 2)])
 
     def row(name, **sampling):
-        return sv.encode_generate(served, bank.get(name), "w1 w2", max_new_tokens=6, **sampling)
+        return gen.encode_generate(served, bank.get(name), "w1 w2", max_new_tokens=6, **sampling)
 
-    greedy = sv.generate(served, [row("p0")])[0].token_ids
-    assert sv.generate(served, [row("p0", temperature=1e-39, seed=1)])[0].token_ids == greedy
+    greedy = gen.generate(served, [row("p0")])[0].token_ids
+    assert gen.generate(served, [row("p0", temperature=1e-39, seed=1)])[0].token_ids == greedy
     with pytest.raises(sv.BadInput, match="temperature"):
         row("p0", temperature=float("nan"))
-    others = sv.generate(served, [row("p1"), row("p0", temperature=0.7, seed=3)])
+    others = gen.generate(served, [row("p1"), row("p0", temperature=0.7, seed=3)])
     real = torch.multinomial
 
     def broken(probs, *args, **kwargs):  # what a NaN from a broken prompt did to multinomial
         raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
 
     monkeypatch.setattr(torch, "multinomial", broken)
-    got = sv.generate(served, [row("p1"), row("p0", temperature=0.7, seed=3), row("p0")])
+    got = gen.generate(served, [row("p1"), row("p0", temperature=0.7, seed=3), row("p0")])
     monkeypatch.setattr(torch, "multinomial", real)
     assert got[1].finish_reason == "error" and "probability tensor" in got[1].error
     assert got[0].token_ids == others[0].token_ids and got[2].token_ids == greedy
@@ -287,7 +289,7 @@ def test_bad_inputs_are_refused_by_name(tmp_path, bases):
     with pytest.raises(sv.WrongTask, match="'p1' is a causal-lm prompt; predict needs seq-cls or token-cls"):
         sv.encode_predict(served, lm, "w1")
     with pytest.raises(sv.WrongTask, match="generate needs causal-lm"):
-        sv.encode_generate(served, cls, "w1")
+        gen.encode_generate(served, cls, "w1")
     long = " ".join(["w5"] * 200)  # tiny llama: 128 positions
     with pytest.raises(
         sv.InputTooLong, match="input is 200 tokens; prompt 'p0' takes at most 125 \\(or set truncate\\)"
@@ -295,11 +297,11 @@ def test_bad_inputs_are_refused_by_name(tmp_path, bases):
         sv.encode_predict(served, cls, long, truncate=False)
     assert len(sv.encode_predict(served, cls, long).ids) == 125  # cut, as ptv2 predict does
     with pytest.raises(sv.InputTooLong, match="leaves room for 125"):
-        sv.encode_generate(served, lm, long)
+        gen.encode_generate(served, lm, long)
     with pytest.raises(sv.BadInput, match="max_new_tokens must be at least 1"):
-        sv.encode_generate(served, lm, "w1", max_new_tokens=0)
+        gen.encode_generate(served, lm, "w1", max_new_tokens=0)
     with pytest.raises(sv.BadInput, match="top_p"):
-        sv.encode_generate(served, lm, "w1", top_p=0)
+        gen.encode_generate(served, lm, "w1", top_p=0)
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])

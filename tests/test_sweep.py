@@ -16,30 +16,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.tiny import save_tiny, write_task_data
+from tests.helpers import write_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
 def _spec(tmp: Path, sweep: dict, **train) -> Path:
-    if not (tmp / "model").exists():
-        save_tiny(tmp / "model", "llama", "causal-lm")
-        write_task_data(tmp / "train.jsonl", "causal-lm", n=48)
-        write_task_data(tmp / "dev.jsonl", "causal-lm", n=16, seed=1)
-    spec = {
-        "name": "tiny",
-        "model": {"name_or_path": "model", "task": "causal-lm"},
-        "prompt": {"length": 4},
-        "data": {"train_file": "train.jsonl", "validation_file": "dev.jsonl", "max_length": 32},
-        "train": {"max_steps": 8, "lr": 0.05, "micro_batch_size": 8, "log_every": 4, "eval_every": 2, **train},
-        "resources": {"workers": 2},
-        "tracking": {"experiment": "sweeps"},
-        "sweep": sweep,
-    }
-    path = tmp / "sweep.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    return write_spec(
+        tmp,
+        n_train=48,
+        filename="sweep.yaml",
+        train={"log_every": 4, "eval_every": 2, **train},
+        resources={"workers": 2},
+        tracking={"experiment": "sweeps"},
+        sweep=sweep,
+    )
 
 
 @pytest.mark.parametrize(
@@ -196,6 +188,7 @@ def test_a_killed_sweep_resumes_and_a_failing_trial_fails_alone(tmp_path):
         done = [r for r in _runs(tmp_path) if r.info.status == "FINISHED" and "mlflow.parentRunId" in r.data.tags]
         if done:
             break
+        assert proc.poll() is None, proc.communicate()[0][-5000:]  # the sweep ended before any trial finished
         time.sleep(1)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its embedded Ray, as a lost head would
     proc.wait(timeout=60)

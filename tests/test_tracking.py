@@ -14,11 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from ptv2.artifact import FOLDED, RAW, sha256_file
-from tests.helpers import running_mlflow_server
-from tests.tiny import save_tiny, write_task_data
+from tests.helpers import running_mlflow_server, write_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,19 +47,16 @@ def _ptv2(args, cwd: Path, home: Path, timeout=600):
 def trained(server, tmp_path_factory):
     url, _ = server
     d = tmp_path_factory.mktemp("job")
-    save_tiny(d / "model", "bert", "seq-cls", ["even", "odd"])
-    write_task_data(d / "train.jsonl", "seq-cls", n=64)
-    write_task_data(d / "dev.jsonl", "seq-cls", n=24, seed=1)
-    spec = {
-        "name": "tracked",
-        "model": {"name_or_path": "model", "task": "seq-cls", "labels": ["even", "odd"]},
-        "prompt": {"length": 4},
-        "data": {"train_file": "train.jsonl", "validation_file": "dev.jsonl", "max_length": 32},
-        "train": {"max_steps": 8, "lr": 0.05, "micro_batch_size": 8, "log_every": 1, "eval_every": 4},
-        "resources": {"workers": 2},
-        "tracking": {"experiment": "tracked", "tracking_uri": url, "register_as": "tiny-prompt"},
-    }
-    (d / "job.yaml").write_text(yaml.safe_dump(spec))
+    write_spec(
+        d,
+        "seq-cls",
+        "bert",
+        ["even", "odd"],
+        n_dev=24,
+        name="tracked",
+        resources={"workers": 2},
+        tracking={"experiment": "tracked", "tracking_uri": url, "register_as": "tiny-prompt"},
+    )
     proc = _ptv2(["run", "job.yaml"], d, d / "home")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     run_id = next(line.split()[-1] for line in proc.stdout.splitlines() if line.startswith("run id:"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ptv2.model import PromptedModel
-from ptv2.prefix import PromptConfig
+from ptv2.settings import PromptConfig
 from tests.helpers import fit, randomize_prompt
 from tests.tiny import ARCHS, DECODERS, ENCODERS, tiny_model
 
@@ -123,7 +123,7 @@ def test_decoder_classifier_reads_the_last_real_token_under_right_padding(arch, 
     labels = ["a", "b", "c"]
     cfg = PromptConfig(method="ptv2" if method == "none" else method, length=0 if method == "none" else 4)
     model = PromptedModel(tiny_model(arch, "seq-cls", labels), cfg, "seq-cls")
-    if model.prompt is not None:
+    if model.prompt.length:
         randomize_prompt(model, scale=0.5)
     pad = model.base.config.pad_token_id
     if pad_id == "unset":
@@ -131,7 +131,7 @@ def test_decoder_classifier_reads_the_last_real_token_under_right_padding(arch, 
     seqs = [torch.randint(3, 96, (n,)) for n in (T, 4, 6)]
     seqs[2][-1] = pad  # a real last token that happens to be the pad id
     # reference: the head on the final hidden state of the row run alone (no padding anywhere)
-    last = [model.base.base_model(**model.prepare(s[None])).last_hidden_state[:, -1] for s in seqs]
+    last = [model.base.base_model(**model.inputs(s[None]).kwargs).last_hidden_state[:, -1] for s in seqs]
     alone = model.base.score(torch.cat(last))
     torch.testing.assert_close(torch.cat([model(s[None]).logits for s in seqs]), alone, rtol=1e-5, atol=1e-5)
     ids = torch.full((len(seqs), T), pad)
@@ -169,7 +169,7 @@ def test_response_only_training_loss_equals_the_full_logits_loss(arch, method):
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0
     labels[1, 7:] = -100
-    fast = model._response_only_loss(ids, mask, None, labels).loss
+    fast = model.task.response_loss(model, ids, mask, None, labels).loss
     fast.backward()
     g_fast = [p.grad.clone() for p in model.prompt.parameters()]
     model.zero_grad()
