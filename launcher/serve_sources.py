@@ -129,6 +129,7 @@ def startup_entries(uri: str | None, named: list[tuple[str, str]], cache_dir: st
         entries.append(replace(entry, base=manifest["base_model"]["name_or_path"]))
     return entries
 
+
 logger = logging.getLogger("ptv2.serve")
 
 
@@ -207,9 +208,7 @@ class ReplicaPrompts:
                     except Exception as e:
                         if strict:
                             raise
-                        logger.warning(
-                            "prompt %s: %s stays; %s did not load: %s", name, loaded.source, entry.pinned, e
-                        )
+                        logger.warning("prompt %s: %s stays; %s did not load: %s", name, loaded.source, entry.pinned, e)
 
     async def load(self, entry: Entry):
         """Fetch (if need be), verify and load `entry` into the bank."""

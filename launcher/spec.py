@@ -319,6 +319,11 @@ def load_spec(path: str | Path, check_files: bool = True, model_on_cluster: bool
         raise SpecError(f"{path}: {e}") from e
     if spec.sweep is not None:
         check_sweep(path, raw, spec)
+    if spec.data.packing:
+        from ptv2.tasks import task_of  # torch, transformers: only for a spec that packs
+
+        if not task_of(spec.model.task).packs:
+            raise SpecError(f"{path}: data.packing: only causal-lm examples are packed, not {spec.model.task}")
     if check_files:
         try:
             check_model(spec, on_cluster)

@@ -20,6 +20,8 @@ from ptv2.data import DataError, collator, first_tokens, load_examples
 from ptv2.distributed import Process, all_gather, barrier
 from ptv2.errors import JobError, first_line
 from ptv2.geometry import Geometry, UnsupportedModelError
+from ptv2.infer import pad_id
+from ptv2.packing import pack, packed_collator
 from ptv2.settings import TrainJob
 from ptv2.tasks import Task, task_of
 
@@ -40,13 +42,14 @@ class Inputs:
 
     task: Task
     tokenizer: object
-    collate: Callable[[list[dict]], dict[str, torch.Tensor]]
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]]  # evaluation batches (and training, unpacked)
     dtype: str
     ds_config: dict
     train: object  # tokenized datasets
     validation: object | None
     test: object | None
     ds_info: dict = field(default_factory=dict)  # which DeepSpeed config, and why (deepspeed.config: auto)
+    collate_train: Callable[[list[dict]], dict[str, torch.Tensor]] | None = None  # packed rows (data.packing)
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:
@@ -122,6 +125,14 @@ def read_inputs(job: TrainJob, process: Process) -> Inputs:
             )
             if job.prompt.length and job.prompt.init == "text":
                 first_tokens(result.train, job.prompt.length)
+            if data.packing:
+                if not task.packs:
+                    raise JobError(f"data.packing: {task} examples are not packed (only causal-lm)")
+                examples = len(result.train)
+                result.train = pack(result.train, data.max_length, job.train.seed)
+                result.collate_train = packed_collator(pad_id(tokenizer))
+                fill = sum(len(r["input_ids"]) for r in result.train) / (len(result.train) * data.max_length)
+                result.ds_info["packed"] = f"{examples} examples in {len(result.train)} rows ({fill:.0%} full)"
         except DETERMINISTIC as e:
             error = e
         except OSError as e:  # a model folder without the files transformers needs

@@ -26,6 +26,8 @@ from ptv2.tasks import Task, task_of
 
 # Task heads the transformers classes create (BERT/RoBERTa: classifier; decoders: score).
 HEAD_MODULES = ("classifier", "score")
+# what a batch may hold besides input_ids and attention_mask
+BATCH_KEYS = ("labels", "token_type_ids", "segment_ids", "segment_positions")
 
 
 def cache_argument(model: PreTrainedModel) -> str:
@@ -192,9 +194,12 @@ class PromptedModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        segment_positions: torch.Tensor | None = None,
         cache: str = "replayable",
     ) -> PromptedBatch:
-        """The base model's keyword arguments that carry the prompt (`ptv2.prompt.prompt_inputs`)."""
+        """The base model's keyword arguments that carry the prompt (`ptv2.prompt.prompt_inputs`;
+        `segment_ids`, `segment_positions`: a packed batch, `ptv2.packing`)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         return prompt_inputs(
@@ -208,22 +213,21 @@ class PromptedModel(nn.Module):
             dtype=self.base.dtype,
             token_type_ids=token_type_ids,
             labels=labels,
+            segment_ids=segment_ids,
+            segment_positions=segment_positions,
             cache=cache,
         )
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        **kwargs,
-    ):
-        """The task's output with the prompt in place (see `ptv2.tasks`; causal LMs also take
-        `labelled_stats=True`: evaluation sums over the labelled next tokens)."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        return self.task.forward(self, input_ids, attention_mask, token_type_ids, labels, **kwargs)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """The task's output with the prompt in place (see `ptv2.tasks`). Tensors among `kwargs`
+        are the batch's (`labels`, `token_type_ids`, a packed batch's segments); causal LMs also
+        take `labelled_stats=True`: evaluation sums over the labelled next tokens."""
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        batch.update({k: kwargs.pop(k) for k in BATCH_KEYS if k in kwargs})
+        if batch["attention_mask"] is None:
+            batch["attention_mask"] = torch.ones_like(input_ids)
+        batch = {k: v for k, v in batch.items() if v is not None}
+        return self.task.forward(self, batch, **kwargs)
 
     @torch.no_grad()
     def generate(

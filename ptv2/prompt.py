@@ -36,6 +36,7 @@ from transformers import DynamicCache
 
 from ptv2.distributed import gathered, gathered_per_module
 from ptv2.geometry import Geometry
+from ptv2.packing import segment_mask
 from ptv2.settings import PromptConfig
 from ptv2.tasks import IGNORE_INDEX
 
@@ -210,11 +211,13 @@ class PromptedBatch:
     kwargs: dict
     kv: int
     soft: int
+    mask: torch.Tensor | None = None  # [batch, kv + soft + tokens]: which positions are real
 
     @property
     def input_mask(self) -> torch.Tensor:
         """[batch, soft + tokens]: which input positions are real (soft prompt and tokens)."""
-        return self.kwargs["attention_mask"][:, self.kv :]
+        mask = self.mask if self.mask is not None else self.kwargs["attention_mask"]
+        return mask[:, self.kv :]
 
     def first_position(self) -> torch.Tensor:
         """Each row's first real input position (its soft prompt's first, or its first token)."""
@@ -248,6 +251,8 @@ def prompt_inputs(
     dtype: torch.dtype,
     token_type_ids: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    segment_positions: torch.Tensor | None = None,
     cache: str = "replayable",
 ) -> PromptedBatch:
     """The keyword arguments that run `input_ids` [batch, length] (padded on either side, as
@@ -256,7 +261,9 @@ def prompt_inputs(
     pass as they are. `cache`: "replayable" (a PrefixCache one forward reads, activation
     checkpointing included; none without a prefix) or "growing" (a DynamicCache that generation
     extends, empty without a prefix). Input embeddings replace the ids only where a soft prompt
-    needs them."""
+    needs them. A packed batch (`ptv2.packing`) gives each token's `segment_ids` (0: padding) and
+    its position in its segment: a token then sees the prompt and its own segment only, through
+    a 4-D attention mask, its positions restarting after the prompt."""
     batch, _ = input_ids.shape
     shared = isinstance(prompts, Prompt)
     rows: Sequence[Prompt] = [prompts] * batch if shared else prompts
@@ -271,7 +278,12 @@ def prompt_inputs(
     soft_mask = (columns[:soft] >= soft - soft_lengths[:, None]).to(attention_mask.dtype)
     input_mask = torch.cat([soft_mask, attention_mask], dim=1)
     positions = (input_mask.cumsum(-1) - 1).clamp(min=0) + kv_lengths[:, None] + geometry.position_offset
-    kwargs: dict = {"attention_mask": torch.cat([kv_mask, input_mask], dim=1), "position_ids": positions}
+    mask = torch.cat([kv_mask, input_mask], dim=1)
+    kwargs: dict = {"attention_mask": mask, "position_ids": positions}
+    if segment_ids is not None:
+        starts = kv_lengths[:, None] + soft_lengths[:, None] + geometry.position_offset
+        kwargs["position_ids"] = torch.cat([positions[:, :soft], segment_positions + starts], dim=1)
+        kwargs["attention_mask"] = segment_mask(segment_ids, kv_mask, soft_mask, dtype)
     if soft:
         embeds = embed(input_ids)
         if shared:
@@ -302,4 +314,4 @@ def prompt_inputs(
             layers = [(buf[i, 0], buf[i, 1]) for i in range(buf.shape[0])]
         cls = PrefixCache if cache == "replayable" else DynamicCache
         kwargs[cache_kwarg] = cls(layers, config=cache_config) if layers else cls(config=cache_config)
-    return PromptedBatch(kwargs, kv, soft)
+    return PromptedBatch(kwargs, kv, soft, mask)

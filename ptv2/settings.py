@@ -74,6 +74,11 @@ class DataSettings(_Strict):
         "{prompt}\n", description="generation: how the prompt text is laid out; {prompt} is replaced (no code runs)"
     )
     max_length: int = Field(128, ge=8, le=131072, description="tokens per example, prompt excluded")
+    packing: bool = Field(
+        False,
+        description="several training examples per row up to max_length, each attending to the prompt and "
+        "itself only (causal-lm): far less padding on short, uneven examples",
+    )
 
     @field_validator("train_file", "validation_file", "test_file")
     @classmethod

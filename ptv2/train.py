@@ -187,7 +187,9 @@ class Run:
     def loop(self, trainee: Trainee, inputs: Inputs) -> None:
         t, process = self.job.train, self.process
         stream = BatchStream(inputs.train, t.micro_batch_size, process.rank, process.world_size, t.seed)
-        batches = map(inputs.collate, stream.from_micro(self.state.step * t.gradient_accumulation))
+        batches = map(
+            inputs.collate_train or inputs.collate, stream.from_micro(self.state.step * t.gradient_accumulation)
+        )
         trainee.engine.train()
         t0, tokens_seen, start = time.time(), 0.0, self.state.step
         for step in range(start + 1, trainee.total_steps + 1):

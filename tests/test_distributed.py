@@ -164,16 +164,22 @@ def test_killed_worker_and_truncated_checkpoint_resume_the_same_trajectory(tmp_p
 
 
 @pytest.mark.parametrize(
-    "config,init", [("zero2.json", "text"), ("replicated.json", "vocab"), ("zero3_offload.json", "normal")]
+    "config,init,packed",
+    [("zero2.json", "text", False), ("replicated.json", "vocab", True), ("zero3_offload.json", "normal", False)],
 )
-def test_other_deepspeed_configs_give_the_same_training(tmp_path, config, init):
+def test_other_deepspeed_configs_give_the_same_training(tmp_path, config, init, packed):
     """Same losses whatever the config; the token inits run the frozen model layer by layer
-    gathered under ZeRO-3 and must start the prompt exactly where the unpartitioned model does."""
+    gathered under ZeRO-3 and must start the prompt exactly where the unpartitioned model does.
+    Packed rows with activation checkpointing under ZeRO-3 train as packed rows replicated."""
     job = _job(tmp_path, "llama", "causal-lm", max_steps=6, checkpoint_every=0, eval_every=0)
     spec = yaml.safe_load(job.read_text())
     spec["prompt"]["init"] = init
+    if packed:
+        spec["data"]["packing"] = True
+        spec["train"]["gradient_checkpointing"] = True
     job.write_text(yaml.safe_dump(spec))
-    torchrun(job, tmp_path / "z3.json")
+    proc = torchrun(job, tmp_path / "z3.json")
+    assert ("packed=" in proc.stdout) == packed and ("gradient_checkpointing=True" in proc.stdout) == packed
     spec["deepspeed"] = {"config": config}
     spec["storage"] = "out2"
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(spec))

@@ -169,7 +169,7 @@ def test_response_only_training_loss_equals_the_full_logits_loss(arch, method):
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0
     labels[1, 7:] = -100
-    fast = model.task.response_loss(model, ids, mask, None, labels).loss
+    fast = model.task.response_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": labels}).loss
     fast.backward()
     g_fast = [p.grad.clone() for p in model.prompt.parameters()]
     model.zero_grad()

@@ -26,6 +26,7 @@ class Task:
     labelled = True  # needs label names (classes, tags)
     generates = False  # continues text (generate, completions) with an LM head over the vocabulary
     peft_task_type: str | None = None  # PEFT's task type of an exported prefix (None: not exportable)
+    packs = False  # training examples can be packed into rows (`ptv2.packing`)
     primary: tuple[str, str]  # the metric that picks the best prompt, and its direction
     metrics: dict[str, str]  # every metric evaluation gives -> "max" (higher is better) or "min"
 
@@ -81,8 +82,9 @@ class Task:
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
     # ---- the model -----------------------------------------------------------------------------------
-    def forward(self, model, input_ids, attention_mask, token_type_ids, labels, **kwargs):
-        """The task's output with the prompt in place (`model`: a PromptedModel)."""
+    def forward(self, model, batch: dict[str, torch.Tensor], **kwargs):
+        """The task's output with the prompt in place (`model`: a PromptedModel; `batch`: its
+        inputs, `labels` among them where given)."""
         raise NotImplementedError
 
     def counter(self, labels: Sequence[str] | None) -> Counter:

@@ -48,6 +48,7 @@ class CausalLM(Task):
     labelled = False
     generates = True
     peft_task_type = "CAUSAL_LM"
+    packs = True
     primary = ("loss", "min")
     metrics = {"loss": "min", "accuracy": "max", "perplexity": "min"}
 
@@ -85,44 +86,44 @@ class CausalLM(Task):
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # next-token targets
 
     # ---- the model -----------------------------------------------------------------------------------
-    def forward(self, model, input_ids, attention_mask, token_type_ids, labels, labelled_stats=False, **kwargs):
+    def forward(self, model, batch: dict[str, torch.Tensor], labelled_stats: bool = False, **kwargs):
         """HF's output with the prompt in place, one logits row per token. In training with labels,
         the loss alone (`response_loss`); `labelled_stats`: evaluation sums instead."""
         if labelled_stats:
-            return self.labelled_stats(model, input_ids, attention_mask, token_type_ids, labels)
-        if labels is not None and model.training and not kwargs:
-            return self.response_loss(model, input_ids, attention_mask, token_type_ids, labels)
-        batch = model.inputs(input_ids, attention_mask, token_type_ids, labels)
-        out = model.base(**batch.kwargs, use_cache=False, **kwargs)
-        if batch.soft:
-            out.logits = out.logits[:, batch.soft :]  # callers see one row per token
+            return self.labelled_stats(model, batch)
+        if batch.get("labels") is not None and model.training and not kwargs:
+            return self.response_loss(model, batch)
+        prompted = model.inputs(**batch)
+        out = model.base(**prompted.kwargs, use_cache=False, **kwargs)
+        if prompted.soft:
+            out.logits = out.logits[:, prompted.soft :]  # callers see one row per token
         return out
 
-    def labelled_logits(self, model, input_ids, attention_mask, token_type_ids, labels):
+    def labelled_logits(self, model, batch: dict[str, torch.Tensor]):
         """Next-token logits [N, vocab] at the N positions whose next token has a label, and those
         labels [N]: the LM head is applied there only."""
-        if labels is None:
+        if batch.get("labels") is None:
             raise ValueError("labelled-token logits need labels")
-        batch = model.inputs(input_ids, attention_mask, token_type_ids, labels)
-        labels = batch.kwargs.pop("labels")
-        hidden = model.base.base_model(**batch.kwargs, use_cache=False).last_hidden_state
+        prompted = model.inputs(**batch)
+        labels = prompted.kwargs.pop("labels")
+        hidden = model.base.base_model(**prompted.kwargs, use_cache=False).last_hidden_state
         target = labels[:, 1:]
         keep = target != IGNORE_INDEX
         return model.base.get_output_embeddings()(hidden[:, :-1][keep]), target[keep]
 
-    def response_loss(self, model, input_ids, attention_mask, token_type_ids, labels) -> CausalLMOutputWithPast:
+    def response_loss(self, model, batch: dict[str, torch.Tensor]) -> CausalLMOutputWithPast:
         """Training loss with the LM head applied only where a label exists: supervised prompts put
         the loss on the response alone, so projecting every prompt position onto the vocabulary (the
         largest matrix of a small model) is wasted work; equals HF's mean over labelled next tokens."""
-        logits, target = self.labelled_logits(model, input_ids, attention_mask, token_type_ids, labels)
+        logits, target = self.labelled_logits(model, batch)
         loss = F.cross_entropy(logits.float(), target, reduction="sum") / max(len(target), 1)
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
-    def labelled_stats(self, model, input_ids, attention_mask, token_type_ids, labels) -> LabelledTokenStats:
+    def labelled_stats(self, model, batch: dict[str, torch.Tensor]) -> LabelledTokenStats:
         """Evaluation sums over the labelled next tokens, on the model's device: a full
         [batch, length, vocab] logits tensor (~1 GB per batch at a 128k vocabulary) is never built,
         nor copied to the CPU."""
-        logits, target = self.labelled_logits(model, input_ids, attention_mask, token_type_ids, labels)
+        logits, target = self.labelled_logits(model, batch)
         logits = logits.float()
         return LabelledTokenStats(
             loss_sum=F.cross_entropy(logits, target, reduction="sum"),

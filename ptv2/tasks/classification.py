@@ -68,13 +68,12 @@ class SequenceClassification(Task):
         return batch["labels"].shape[0]
 
     # ---- the model -----------------------------------------------------------------------------------
-    def forward(self, model, input_ids, attention_mask, token_type_ids, labels, **kwargs):
+    def forward(self, model, batch: dict[str, torch.Tensor], **kwargs):
         if not model.geometry.is_decoder:  # encoders classify from their first position, as HF's heads do
-            batch = model.inputs(input_ids, attention_mask, token_type_ids, labels)
-            return model.base(**batch.kwargs, use_cache=False, **kwargs)
-        return self.last_token(model, input_ids, attention_mask, token_type_ids, labels, **kwargs)
+            return model.base(**model.inputs(**batch).kwargs, use_cache=False, **kwargs)
+        return self.last_token(model, batch, **kwargs)
 
-    def last_token(self, model, input_ids, attention_mask, token_type_ids, labels, **kwargs):
+    def last_token(self, model, batch: dict[str, torch.Tensor], **kwargs):
         """A decoder classifies from its last real token, found from the attention mask.
 
         HF's decoder classifiers look for the last token that is not `pad_token_id` in
@@ -82,10 +81,11 @@ class SequenceClassification(Task):
         position -1, a pad under right padding; and a real token equal to the pad id (GPT-2 and
         Llama-3 pad with EOS) or a config without a pad id defeats the search too. The mask knows,
         whatever the padding side."""
-        batch = model.inputs(input_ids, attention_mask, token_type_ids)
-        out = model.base.base_model(**batch.kwargs, use_cache=False, **kwargs)
+        labels = batch.get("labels")
+        prompted = model.inputs(**{k: v for k, v in batch.items() if k != "labels"})
+        out = model.base.base_model(**prompted.kwargs, use_cache=False, **kwargs)
         hidden = out.last_hidden_state
-        last = batch.last_position().to(hidden.device)
+        last = prompted.last_position().to(hidden.device)
         logits = model.base.score(hidden[torch.arange(len(last), device=hidden.device), last])
         loss = None
         if labels is not None:

@@ -87,11 +87,11 @@ class TokenClassification(Task):
         return DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
 
     # ---- the model -----------------------------------------------------------------------------------
-    def forward(self, model, input_ids, attention_mask, token_type_ids, labels, **kwargs):
-        batch = model.inputs(input_ids, attention_mask, token_type_ids, labels)
-        out = model.base(**batch.kwargs, use_cache=False, **kwargs)
-        if batch.soft:
-            out.logits = out.logits[:, batch.soft :]  # callers see one row per token
+    def forward(self, model, batch: dict[str, torch.Tensor], **kwargs):
+        prompted = model.inputs(**batch)
+        out = model.base(**prompted.kwargs, use_cache=False, **kwargs)
+        if prompted.soft:
+            out.logits = out.logits[:, prompted.soft :]  # callers see one row per token
         return out
 
     def counter(self, labels) -> Counter:
