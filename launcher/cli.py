@@ -1,6 +1,8 @@
 """The `ptv2` command line.
 
 ptv2 validate SPEC            check a job spec (exit 2 and one line naming the field if bad)
+ptv2 inspect SPEC             what the data looks like to the model: lengths, truncation, labels, examples
+ptv2 eval PROMPT --data FILE  a saved prompt's metrics on a labelled file, recorded in MLflow
 ptv2 schema                   JSON Schema of job specs, for editors
 ptv2 run SPEC                 train on an embedded local Ray, record the run in MLflow
 ptv2 sweep SPEC               a hyperparameter search (Ray Tune) compared in MLflow
@@ -63,6 +65,85 @@ def validate(spec: Path = SpecArg) -> None:
         f"{s.prompt.method} length {s.prompt.length}, {s.resources.workers} worker(s), "
         f"deepspeed {Path(s.deepspeed.config).name}"
     )
+
+
+@app.command()
+def inspect(
+    spec: Path = SpecArg,
+    as_json: bool = typer.Option(False, "--json", help="the report as JSON"),
+    max_rows: int = typer.Option(None, "--max-rows", help="read only each file's first rows (default: all)"),
+) -> None:
+    """What SPEC's data looks like to the model, before a job is paid for: per split, rows and bad
+    rows, labels, token lengths against max_length, truncation, duplicates and two examples as the
+    model reads them (the tokens the loss is on in ⟦⟧)."""
+    from ptv2.report import format_report, job_report  # transformers: only for this command
+
+    s = _spec(spec)
+    try:
+        reports = job_report(s.model, s.data, max_rows)
+    except (ValueError, OSError) as e:
+        fail(first_line(e, 2000), code=1)
+    typer.echo(json.dumps([r.to_dict() for r in reports], indent=2) if as_json else format_report(reports))
+
+
+@app.command("eval")
+def eval_prompt(
+    prompt: str = typer.Argument(..., help="a prompt folder, RUN_ID, runs:/RUN/PATH, models:/NAME/VERSION or @ALIAS"),
+    data: str = typer.Option(..., "--data", help="a labelled jsonl/csv/parquet file: a path or s3://… URI"),
+    column: list[str] = typer.Option(
+        None, "--column", help="NAME=COLUMN, e.g. text=sentence (default: the training spec's columns)"
+    ),
+    fmt: str = typer.Option("auto", "--format", help="jsonl, csv or parquet (auto: from the suffix)"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    model: str = typer.Option(None, "--model", help="base model path (default: the one in the prompt's manifest)"),
+    experiment: str = typer.Option(None, help="MLflow experiment (default: the training run's, else ptv2-eval)"),
+    tracking_uri: str = UriOpt,
+    address: str = typer.Option(None, "--address", help="run it on this Ray cluster (its Jobs API) instead of here"),
+    gpus: float = typer.Option(0, "--gpus", min=0, help="with --address: GPUs for the job"),
+    env: list[str] = typer.Option(None, "--env", help="with --address: KEY=VALUE for the job (repeatable)"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as one JSON line"),
+) -> None:
+    """Score a saved prompt on a labelled data file with its task's metrics, laid out as in
+    training; recorded in MLflow as an evaluation of that prompt (nested under its training run,
+    tagged on a registered version) and printed as a table."""
+    from launcher import evaluation
+
+    try:
+        columns = evaluation.parse_columns(column or [])
+    except ValueError as e:
+        fail(str(e))
+    if address:
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+        problem = evaluation.tracking_reachable_from_cluster(uri) if uri else "--address needs --tracking-uri"
+        if problem:
+            fail(problem)
+        args = ["--tracking-uri", uri, "--format", fmt, "--batch-size", str(batch_size), "--json"]
+        args += [x for pair in column or [] for x in ("--column", pair)]
+        args += ["--model", model] if model else []
+        args += ["--experiment", experiment] if experiment else []
+        client = _client(address)
+        try:
+            job = client.submit_eval(args, data, prompt, {"TRANSFORMERS_VERBOSITY": "error", **_env_pairs(env)}, gpus)
+            typer.echo(f"evaluating on the cluster: job {job}", err=True)
+            result = json.loads(client.wait_result(job, evaluation.RESULT))
+        except jobs_client.ClusterError as e:
+            fail(str(e), code=1)
+    else:
+        from ptv2.errors import ArtifactError  # (transformers: only for this command)
+        from ptv2.tracking import TrackingError
+
+        try:
+            done = evaluation.evaluate_prompt(
+                prompt, data, tracking_uri, columns, fmt, batch_size, model_path=model, experiment=experiment
+            )
+        except (ValueError, OSError, ArtifactError, TrackingError) as e:
+            fail(first_line(e, 2000), code=1)
+        result = {"run_id": done.run_id, "examples": done.examples, "metrics": done.metrics}
+    if as_json:
+        typer.echo(evaluation.RESULT + json.dumps(result))
+        return
+    print_table([{"metric": k, "value": v} for k, v in result["metrics"].items()], ["metric", "value"])
+    typer.echo(f"{result['examples']} examples; MLflow run {result['run_id']}")
 
 
 @app.command()

@@ -203,6 +203,43 @@ class JobsClient:
                     time.sleep(5)
         return Submitted(submission_id, job_id)
 
+    def submit_eval(self, args: list[str], data: str, prompt: str, env: dict[str, str], gpus: float = 0) -> str:
+        """Run `ptv2 eval` on the cluster: `args` are its options (--tracking-uri a server the
+        cluster reaches); a local data file and a local prompt folder travel in the job's
+        working dir, URIs, run ids and registered prompts are read there. Returns the Ray job id."""
+        with tempfile.TemporaryDirectory(prefix="ptv2-eval-") as tmp:
+            if not storage.is_uri(data):
+                shutil.copy2(data, Path(tmp) / f"data{Path(data).suffix}")
+                data = f"data{Path(data).suffix}"
+            if Path(prompt).is_dir():
+                shutil.copytree(prompt, Path(tmp) / "prompt")
+                prompt = "prompt"
+            entrypoint = shlex.join(["python", "-m", "launcher.cli", "eval", prompt, "--data", data, *args])
+            try:
+                return self.api.submit_job(
+                    entrypoint=entrypoint,
+                    submission_id=f"eval-{secrets.token_hex(4)}",
+                    entrypoint_num_gpus=gpus or None,
+                    runtime_env={"working_dir": tmp, "env_vars": env},
+                    metadata={"ptv2": "eval"},
+                )
+            except RuntimeError as e:
+                raise ClusterError(f"the Ray Jobs API at {self.address} refused the job: {first_line(e)}") from e
+
+    def wait_result(self, submission_id: str, marker: str, timeout: float = 24 * 3600) -> str:
+        """The line after `marker` that a job printed, once it ended; its log tail when it failed."""
+        deadline = time.time() + timeout
+        while not self.api.get_job_status(submission_id).is_terminal():
+            if time.time() > deadline:
+                raise ClusterError(f"job {submission_id} is still running after {timeout:.0f} s")
+            time.sleep(1)
+        logs = self.api.get_job_logs(submission_id)
+        found = [line for line in logs.splitlines() if line.startswith(marker)]
+        if self.api.get_job_status(submission_id) != "SUCCEEDED" or not found:  # a str enum
+            tail = "\n".join(logs.strip().splitlines()[-15:])
+            raise ClusterError(f"job {submission_id} failed on the cluster:\n{tail}")
+        return found[-1].removeprefix(marker)
+
     def info(self, submission_id: str):
         try:
             return self.api.get_job_info(submission_id)

@@ -28,11 +28,11 @@ from pathlib import Path
 
 from launcher.spec import JobSpec, SpecError, check_job_id, new_job_id
 from ptv2 import storage
-from ptv2.callbacks import Callback, ConsoleLogger
+from ptv2.callbacks import Callback, ConsoleLogger, MlflowCallback
 from ptv2.checkpoint import Checkpoints
 from ptv2.errors import JobError
 from ptv2.settings import TrainJob
-from ptv2.tracking import MlflowCallback, RunRecord, Tracker, job_tags
+from ptv2.tracking import RunRecord, Tracker, job_tags
 
 ERROR_FILE = "error.json"  # where workers leave a problem no retry can fix, for the driver
 

@@ -90,8 +90,10 @@ class RunState:
     """Where a training run stands: what a checkpoint's state.json holds besides DeepSpeed's files."""
 
     step: int = 0
-    best: float | None = None  # the best value of the task's primary metric so far
+    best: float | None = None  # the best value of the job's objective metric so far
     best_step: int | None = None
+    evals_since_best: int = 0  # evaluations without an improvement (early stopping's patience)
+    stopped: str | None = None  # why the run stopped early, once it did
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

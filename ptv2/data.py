@@ -45,7 +45,7 @@ def ensure_pad_token(tokenizer) -> int:
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
 
-def _local(path: str | Path) -> Path:
+def local_file(path: str | Path) -> Path:
     """A data file as a local path: storage URIs are fetched once into the node's cache."""
     try:
         return storage.cached_copy(str(path), cache_dir() / "files")
@@ -53,20 +53,26 @@ def _local(path: str | Path) -> Path:
         raise DataError(f"{path}: {e}") from e
 
 
+def data_format(path: str | Path, fmt: str = "auto") -> str:
+    """jsonl, csv or parquet: `fmt`, or what the file name's suffix says when it is "auto"."""
+    if fmt == "auto":
+        fmt = FORMATS.get(Path(storage.basename(str(path))).suffix.lower(), "")
+        if not fmt:
+            raise DataError(f"{path}: cannot tell the format from the suffix; set data.format")
+    return fmt
+
+
 def read_table(path: str | Path, fmt: str = "auto", in_memory: bool = True):
     """A data file (path or storage URI) as an HF `datasets.Dataset`."""
     from datasets import Dataset, disable_progress_bars
 
     disable_progress_bars()
-    local = _local(path)
+    local = local_file(path)
     if not local.is_file():
         raise DataError(f"{path}: no such data file")
     if local.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
-    if fmt == "auto":
-        fmt = FORMATS.get(Path(storage.basename(str(path))).suffix.lower(), "")
-        if not fmt:
-            raise DataError(f"{path}: cannot tell the format from the suffix; set data.format")
+    fmt = data_format(path, fmt)
     reader = {"jsonl": Dataset.from_json, "csv": Dataset.from_csv, "parquet": Dataset.from_parquet}[fmt]
     kwargs = {"keep_in_memory": True} if in_memory else {"cache_dir": str(cache_dir() / "datasets")}
     try:
@@ -103,6 +109,22 @@ def encode_examples(
 
 
 def _encoded(table, where: str, settings, task, labels, tokenizer, cache: bool):
+    encoded = encode_table(
+        table, settings, task, labels, tokenizer, cache, desc=f"tokenizing {storage.basename(where)}"
+    )
+    bad = [(i, e) for i, e in enumerate(encoded["_error"]) if e]
+    if bad:
+        more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
+        shown = "; ".join(f"{where}:row {i + 1}: {e}" for i, e in bad[:10])
+        raise DataError(f"{len(bad)} bad row(s): {shown}{more}")
+    return encoded.remove_columns("_error")
+
+
+def encode_table(table, settings, task: str | Task, labels, tokenizer, cache: bool = False, desc: str | None = None):
+    """Every row of `table` encoded by the task, bad ones included: "_error" says why a row is bad
+    (empty when it is good)."""
+    task = task_of(task)
+
     def encode(batch: dict) -> dict:
         out = task.encode(batch, settings, list(labels or []), tokenizer)
         out["_error"] = [
@@ -111,21 +133,15 @@ def _encoded(table, where: str, settings, task, labels, tokenizer, cache: bool):
         ]
         return out
 
-    encoded = table.map(
+    return table.map(
         encode,
         batched=True,
         batch_size=1000,
         remove_columns=table.column_names,
         keep_in_memory=not cache,
         load_from_cache_file=cache,
-        desc=f"tokenizing {storage.basename(where)}",
+        desc=desc,
     )
-    bad = [(i, e) for i, e in enumerate(encoded["_error"]) if e]
-    if bad:
-        more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
-        shown = "; ".join(f"{where}:row {i + 1}: {e}" for i, e in bad[:10])
-        raise DataError(f"{len(bad)} bad row(s): {shown}{more}")
-    return encoded.remove_columns("_error")
 
 
 def rows(dataset, indices: Sequence[int]) -> list[dict]:

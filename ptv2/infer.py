@@ -8,7 +8,8 @@ the caller's tokenizer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -119,3 +120,38 @@ def predict(
         logits = model(**_padded(tokenizer, encoded, "right", device)).logits
         results += [task.result(row, logits[b], names) for b, row in enumerate(rows)]
     return results
+
+
+def score(
+    model,
+    tokenizer,
+    path: str,
+    columns: Mapping[str, str] | None = None,
+    fmt: str = "auto",
+    batch_size: int = 16,
+) -> tuple[dict[str, float], int]:
+    """(the task's metrics, examples) of a prompt on a labelled data file (a path or storage URI),
+    its rows encoded as in training: the prompt's stored template and max_length. `columns`: the
+    column settings of data (`text_column`, `label_column`, `prompt_column`, ...); bad rows are
+    refused, each named, as training refuses them. `model`: a PromptedModel."""
+    from ptv2.data import collator, ensure_pad_token, load_examples
+    from ptv2.evaluate import evaluate
+    from ptv2.settings import DataSettings
+
+    task = model.task
+    stored = {"max_length": model.max_length} if model.max_length else {}
+    if model.prompt_template:
+        stored["prompt_template"] = model.prompt_template
+    data = DataSettings(train_file=str(path), format=fmt, **dict(columns or {}), **stored)
+    labels = None
+    if task.labelled:
+        id2label = model.base.config.id2label
+        labels = [id2label[i] for i in range(len(id2label))]
+    tokenizer = copy.deepcopy(tokenizer)  # padding set up for training's collators, not the caller's
+    ensure_pad_token(tokenizer)
+    tokenizer.padding_side = "right"
+    examples = load_examples(path, data, task, labels, tokenizer)
+    model.eval()
+    device = next(model.parameters()).device
+    metrics = evaluate(model, examples, task, labels, batch_size, collator(tokenizer, task), 0, 1, device)
+    return metrics, len(examples)

@@ -137,6 +137,15 @@ class PromptConfig(BaseModel):
         return self.model_dump()
 
 
+class EarlyStopping(_Strict):
+    """Stop when the metric has not improved for `patience` evaluations; the best prompt (the best
+    evaluation's) is then the final one."""
+
+    patience: int = Field(ge=1, le=100000, description="evaluations without an improvement before the run stops")
+    min_delta: float = Field(0.0, ge=0, description="how much better than the best a value must be to count")
+    metric: str | None = Field(None, description="an eval metric of the task (default: its primary metric)")
+
+
 class TrainSettings(_Strict):
     epochs: float | None = Field(None, gt=0, le=1000, description="passes over the training data (or use max_steps)")
     max_steps: int | None = Field(None, gt=0, le=10_000_000, description="optimizer steps; overrides epochs")
@@ -164,6 +173,9 @@ class TrainSettings(_Strict):
         False,
         description="activation checkpointing: keep only each layer's input and recompute the layer in the "
         "backward (long sequences in less memory, ~1/3 more compute); the prefix still trains",
+    )
+    early_stopping: EarlyStopping | None = Field(
+        None, description="stop when the validation metric stops improving (needs validation_file, eval_every)"
     )
 
     @model_validator(mode="after")
@@ -201,6 +213,33 @@ class TrainJob(_Strict):
     @classmethod
     def _storage_without_credentials(cls, location: str | None) -> str | None:
         return None if location is None else _checked_location(location)
+
+    @model_validator(mode="after")
+    def _early_stopping_can_compare(self) -> TrainJob:
+        es = self.train.early_stopping
+        if es is None:
+            return self
+        if self.data.validation_file is None or not self.train.eval_every:
+            raise ValueError("train.early_stopping compares evaluations: set data.validation_file and train.eval_every")
+        from ptv2.tasks import task_of  # torch and transformers: only once a spec is validated
+
+        known = task_of(self.model.task).metrics
+        if es.metric is not None and es.metric not in known:
+            raise ValueError(
+                f"train.early_stopping.metric: {es.metric!r} is not an eval metric of {self.model.task} "
+                f"({', '.join(known)})"
+            )
+        return self
+
+    def objective(self) -> tuple[str, str]:
+        """(metric, "max"|"min"): what picks the best prompt (and stops early): the early-stopping
+        metric, else the task's primary metric."""
+        from ptv2.tasks import task_of  # (as above)
+
+        task = task_of(self.model.task)
+        es = self.train.early_stopping
+        metric = es.metric if es is not None and es.metric else task.primary[0]
+        return metric, task.metrics[metric]
 
     def resolve_paths(self, base: Path) -> TrainJob:
         """A copy with relative file paths made absolute against `base` (the spec's folder)."""

@@ -5,7 +5,7 @@ spells out its tag names.
 ptv2 uses it: typed runs (`RunRecord`), their lifecycle (start, reopen, end), metrics, the
 checkpoint digests a resume trusts, sweeps' parent and trial runs, and the prompt registry. The
 driver owns a run (creates and ends it); rank 0 of the workers attaches to it by id and logs
-through `MlflowCallback`.
+through `ptv2.callbacks.MlflowCallback`.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import json
 import os
 import re
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ptv2.callbacks import Callback
 from ptv2.errors import first_line
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -30,6 +30,9 @@ JOB_ID, STORAGE, STATUS, ERROR, STEPS = "ptv2.job_id", "ptv2.storage", "ptv2.sta
 KIND, SWEEP_ID, TRIAL, EARLY_STOPPED = "ptv2.kind", "ptv2.sweep_id", "ptv2.trial", "ptv2.early_stopped"
 SWEEP_METRIC, SWEEP_MODE = "ptv2.sweep_metric", "ptv2.sweep_mode"
 SWEEP_BEST, BEST_RUN = "ptv2.sweep_best", "ptv2.best_run_id"
+STOPPED, STOPPED_AT = "ptv2.stopped_early", "ptv2.stopped_at_step"  # early stopping: why, and when
+EVALUATES, EVALUATES_MODEL = "ptv2.evaluates", "ptv2.evaluates_model"  # an evaluation run's prompt
+LAST_EVALUATION = "ptv2.last_evaluation"  # on a registered version: its newest evaluation run
 DRIVER = "ptv2.driver"  # "<process owner>:<pid>" of the driver that runs the job now
 CHECKPOINT = "ptv2.checkpoint."  # + checkpoint name: sha256 over every rank's marker
 SWEPT = "sweep."  # + dotted spec path: the trial's value, as JSON
@@ -349,6 +352,21 @@ class Tracker:
         flags = {EARLY_STOPPED: early_stopped, SWEEP_BEST: sweep_best}
         self.set_tags(run_id, {k: "true" for k, on in flags.items() if on} | ({RUN_NAME: name[:250]} if name else {}))
 
+    def log_prompt(self, run_id: str, folder, artifact_path: str) -> None:
+        self.client.log_artifacts(run_id, str(folder), artifact_path=artifact_path)
+
+    def log_dataset(self, run_id: str, frame, source: str, context: str, digest: str) -> None:
+        """A data file as a dataset input of the run (named for its file, tagged with its split)."""
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+
+        name = Path(source.split("?", 1)[0]).name
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local file either way
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest[:32])
+        tags = [InputTag(key="mlflow.data.context", value=context)]
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
+
     def log_text(self, run_id: str, text: str, path: str) -> None:
         self.client.log_text(run_id, text, path)
 
@@ -408,6 +426,31 @@ class Tracker:
         )
         return str(mv.version)
 
+    def record_evaluation(
+        self,
+        experiment: str,
+        name: str,
+        params: Mapping,
+        metrics: Mapping[str, float],
+        source_run: str | None,
+        model: ModelVersion | None,
+    ) -> str:
+        """A finished run holding the metrics of a saved prompt on a data file (`ptv2 eval`): nested
+        under the run that trained the prompt (the UI lists it there) and tagged with it and the
+        registered version evaluated, which is tagged back with this run."""
+        tags = {KIND: "evaluation"}
+        if source_run:
+            tags |= {EVALUATES: source_run, "mlflow.parentRunId": source_run}
+        if model is not None:
+            tags[EVALUATES_MODEL] = f"models:/{model.name}/{model.version}"
+        run_id = self.start_run(experiment, name, params, tags)
+        self.log_metrics(run_id, 0, metrics, "test/")
+        self.client.set_terminated(run_id, "FINISHED")
+        self.client.set_tag(run_id, STATUS, "finished")
+        if model is not None:
+            self.client.set_model_version_tag(model.name, model.version, LAST_EVALUATION, run_id)
+        return run_id
+
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, version)
 
@@ -455,45 +498,3 @@ def job_tags(job_id: str, storage: str, versions: Mapping[str, str], **extra: st
 def swept_tags(values: Mapping) -> dict[str, str]:
     """A trial's swept values as tags (`RunRecord.swept` reads them back)."""
     return {SWEPT + k: json.dumps(v) for k, v in values.items()}
-
-
-class MlflowCallback(Callback):
-    """Rank 0 logs step and eval metrics, the prompt artifacts and checkpoint digests to the
-    driver's run."""
-
-    def __init__(self, uri: str | None, run_id: str) -> None:
-        self.tracker, self.run_id = Tracker(uri), run_id
-
-    def on_train_start(self, rank, info):
-        if rank == 0:
-            self.tracker.set_info(self.run_id, info)
-
-    def on_train_end(self, rank, summary):
-        if rank == 0 and summary.get("resources"):
-            self.tracker.log_metrics(self.run_id, summary["steps"], summary["resources"])
-
-    def on_step(self, rank, step, metrics):
-        if rank == 0:
-            shown = {k: v for k, v in metrics.items() if k != "total_steps"}
-            self.tracker.log_metrics(self.run_id, step, shown, "train/")
-
-    def on_eval(self, rank, step, metrics):
-        if rank == 0:
-            self.tracker.log_metrics(self.run_id, step, metrics, "eval/")
-
-    def on_test(self, rank, step, metrics):
-        if rank == 0:
-            self.tracker.log_metrics(self.run_id, step, metrics, "test/")
-
-    def on_artifact(self, rank, step, path, kind, location):
-        if rank == 0:
-            self.tracker.client.log_artifacts(
-                self.run_id, str(path), artifact_path="prompt" if kind == "final" else kind
-            )
-            self.tracker.set_tags(self.run_id, {f"ptv2.{kind}_step": str(step), f"ptv2.{kind}_uri": location})
-
-    def on_checkpoint(self, rank, step, name, location, digest):
-        if rank == 0:
-            self.tracker.set_tags(
-                self.run_id, {CHECKPOINT + name: digest, "ptv2.last_checkpoint": f"{step}: {location}"}
-            )

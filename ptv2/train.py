@@ -15,6 +15,7 @@ torchrun or the deepspeed launcher, and inside a Ray Train worker whose process 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
 import warnings
@@ -26,20 +27,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from safetensors.torch import load_file
 
 from ptv2 import storage
-from ptv2.artifact import MANIFEST, collect_tensors, save_prompt
+from ptv2.artifact import MANIFEST, RAW, collect_tensors, save_prompt
 from ptv2.callbacks import Callback, ConsoleLogger
 from ptv2.checkpoint import CheckpointError, Checkpoints, RunState
 from ptv2.data import BatchStream
-from ptv2.distributed import Process, all_gather, all_sum, barrier, setup
+from ptv2.distributed import Process, all_gather, all_sum, barrier, gathered, setup
 from ptv2.errors import JobError
 from ptv2.evaluate import evaluate
 from ptv2.inputs import Inputs, read_inputs
 from ptv2.model import PromptedModel
+from ptv2.report import dataset_report
 from ptv2.settings import TrainJob
 from ptv2.tasks import Task
 from ptv2.trainee import Trainable, Trainee, build_trainee, peak_rss_gib, trainable_fp32
+
+REPORT_ROWS = 100_000  # of each data file, for the report a run logs at its start (seconds, not minutes)
 
 
 @dataclass
@@ -52,6 +57,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     engine: object = field(default=None, repr=False)  # the DeepSpeed engine, for callers that inspect it
     model: PromptedModel | None = field(default=None, repr=False)
+    stopped: str | None = None  # why early stopping ended the run before its last step
 
 
 def seed_everything(seed: int) -> None:
@@ -98,7 +104,10 @@ class Run:
         self.metrics: dict[str, float] = {}
         self.losses: list[float] = []
         self.best: str | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None  # the best evaluation's trainable values
+        self.best_metrics: dict[str, float] = {}
         self.resumed_from: int | None = None
+        self.measures: dict[str, float] = {}
 
     def emit(self, hook: str, *args) -> None:
         for cb in self.callbacks:
@@ -172,17 +181,58 @@ class Run:
         if inputs.validation is not None and due:
             self.metrics = self.evaluate(trainee, inputs.validation, inputs)
             self.emit("on_eval", step, self.metrics)
-            primary, mode = inputs.task.primary
-            value, best = self.metrics[primary], self.state.best
-            if best is None or (value > best if mode == "max" else value < best):
-                self.state.best, self.state.best_step = value, step
-                if trainee.writes_prompt:
-                    self.best = self.write_artifact(trainee, "best", step)
+            self.judge(trainee, step)
+        if self.state.stopped:
+            return  # nothing more to resume: the run finishes now
         if t.checkpoint_every and step % t.checkpoint_every == 0 and step < trainee.total_steps:
             saved = self.checkpoints.save(
                 trainee.engine, self.scratch, step, self.state, process.rank, process.world_size
             )
             self.emit("on_checkpoint", step, saved.name, saved.location, saved.digest)
+
+    def judge(self, trainee: Trainee, step: int) -> None:
+        """After an evaluation: a new best (by more than early stopping's min_delta) is kept, as the
+        best prompt and in memory; early stopping's patience runs out after as many evaluations
+        without one. The same on every rank (the metrics are)."""
+        metric, mode = self.job.objective()
+        es = self.job.train.early_stopping
+        delta = es.min_delta if es is not None else 0.0
+        value, best = self.metrics[metric], self.state.best
+        if best is None or (value > best + delta if mode == "max" else value < best - delta):
+            self.state.best, self.state.best_step, self.state.evals_since_best = value, step, 0
+            self.best_metrics = dict(self.metrics)
+            if es is not None:
+                self.best_state = trainable_fp32(trainee.model)  # collective, like the artifact's gather
+            if trainee.writes_prompt:
+                self.best = self.write_artifact(trainee, "best", step)
+            return
+        self.state.evals_since_best += 1
+        if es is not None and self.state.evals_since_best >= es.patience:
+            self.state.stopped = (
+                f"{metric} did not improve by more than {delta:g} in {es.patience} evaluations after its best, "
+                f"{best:.4g} at step {self.state.best_step}"
+            )
+            self.emit("on_stop", step, self.state.stopped, self.state.best_step)
+
+    def restore_best(self, trainee: Trainee) -> None:
+        """Collective: put the best evaluation's trainable values back into the model (from memory,
+        or from the best prompt in storage when the run resumed after it)."""
+        state = self.best_state
+        if state is None:
+            local = storage.download(storage.join(self.job.storage, "best"), self.scratch / "best-in")
+            raw = load_file(local / RAW)
+            state = {(f"base.{k[5:]}" if k.startswith("head.") else k): v for k, v in raw.items()}
+            self.best_metrics = json.loads((local / MANIFEST).read_text())["extra"]["metrics"]
+        self.metrics = dict(self.best_metrics)  # the final prompt's evaluation, as its manifest says
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        with torch.no_grad():
+            for name, param in trainee.model.trainable_parameters():
+                # the optimizer's fp32 master copy too: the artifact is written from it
+                safe_set_full_fp32_param(param, state[name].to(param.device))
+                with gathered([param], modifier_rank=0):
+                    param.data.copy_(state[name].to(param.data))
+        self.log(f"the best evaluation's prompt (step {self.state.best_step}) is the final one")
 
     def loop(self, trainee: Trainee, inputs: Inputs) -> None:
         t, process = self.job.train, self.process
@@ -192,17 +242,21 @@ class Run:
         )
         trainee.engine.train()
         t0, tokens_seen, start = time.time(), 0.0, self.state.step
+        self.measures = {"tokens": 0.0}  # this process's steps: what time/train_s and train/tokens report
         for step in range(start + 1, trainee.total_steps + 1):
             loss, tokens = train_step(
                 trainee, [next(batches) for _ in range(t.gradient_accumulation)], inputs.task, process
             )
             tokens_seen += tokens
+            self.measures = {"time/train_s": time.time() - t0, "tokens": tokens_seen}
             self.state.step = step
             if step % t.log_every == 0 or step == trainee.total_steps:
                 self.losses.append(loss)
                 elapsed = time.time() - t0
                 self.emit("on_step", step, self.step_metrics(trainee, loss, tokens_seen, elapsed, step - start, stream))
             self.after_step(trainee, inputs, step)
+            if self.state.stopped:
+                return
 
     def step_metrics(self, trainee: Trainee, loss: float, tokens: float, elapsed: float, done: int, stream) -> dict:
         step = self.state.step
@@ -221,11 +275,17 @@ class Run:
         return metrics
 
     def finish(self, trainee: Trainee, inputs: Inputs) -> str | None:
-        total = trainee.total_steps
+        total = self.state.step
+        step = total  # the final prompt's step
+        if self.state.stopped:
+            self.restore_best(trainee)
+            step = self.state.best_step
         if inputs.test is not None:
             self.emit("on_test", total, self.evaluate(trainee, inputs.test, inputs))
-        artifact = self.write_artifact(trainee, "final", total) if trainee.writes_prompt else None
+        artifact = self.write_artifact(trainee, "final", step) if trainee.writes_prompt else None
         summary = {"steps": total, "artifact": artifact, **{f"final_{k}": v for k, v in self.metrics.items()}}
+        if self.state.stopped:
+            summary["stopped_early"] = self.state.stopped
         self.emit("on_train_end", {**summary, "resources": self.resources(trainee)})
         return artifact
 
@@ -234,6 +294,9 @@ class Run:
         weights held) and the load time, as flat metric names."""
         mine = {**trainee.memory, "peak_rss_gib": peak_rss_gib()}
         out = {"time/load_s": trainee.info["load_s"], "memory/frozen_total_gib": mine["frozen_total_gib"]}
+        if "time/train_s" in self.measures:  # the steps this process ran (after a resume: since it)
+            out["time/train_s"] = self.measures["time/train_s"]
+            out["train/tokens"] = all_sum([self.measures["tokens"]], self.process.device)[0]  # every rank's
         for r, mem in enumerate(all_gather(mine)):
             out.update({f"memory/rank{r}/{k}": v for k, v in mem.items() if k != "frozen_total_gib"})
         return out
@@ -266,6 +329,9 @@ def train(
     try:
         run.log(f"reading the tokenizer and data on {process.world_size} rank(s)")
         inputs = read_inputs(job, process)
+        if process.is_main:  # what the model sees, on the run before it trains (`ptv2 inspect` shows it all)
+            reports = dataset_report(job.data, inputs.task, job.model.labels, inputs.tokenizer, REPORT_ROWS)
+            run.emit("on_data", reports)
         run.log(f"loading the frozen model {job.model.name_or_path} ({len(inputs.train):,} training examples)")
         trainee = build_trainee(job, inputs, process, trainable)
         run.resume(trainee, required=resume)
@@ -275,7 +341,7 @@ def train(
     finally:
         storage.remove_scratch(run.scratch)
     return TrainResult(
-        trainee.total_steps,
+        run.state.step,
         artifact,
         run.best,
         run.metrics,
@@ -283,6 +349,7 @@ def train(
         run.losses,
         trainee.engine,
         trainee.model,
+        run.state.stopped or None,
     )
 
 

@@ -111,6 +111,7 @@ def main() -> None:
     report = {
         "steps": result.steps,
         "resumed_from": result.resumed_from,
+        "stopped": result.stopped,
         "metrics": result.metrics,
         "artifact": str(result.artifact),
         "groups": optimizer_groups(result.engine.optimizer),

@@ -256,6 +256,16 @@ def test_a_job_survives_losing_a_node_and_resumes_from_the_object_store(tmp_path
         assert (out / name).read_bytes() == body
         assert manifest["files"][name]
 
+    # scored on the cluster (a Ray job) on the validation file in the store: the run's own last evaluation
+    data = f"s3://{BUCKET}/data/dev.jsonl"
+    args = ["eval", run.info.run_id, "--data", data, "--address", address, "--tracking-uri", mlflow_server]
+    proc = _ptv2(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [evaluated] = client.search_runs([exp.experiment_id], f"tags.`ptv2.evaluates` = '{run.info.run_id}'")
+    assert evaluated.info.run_id in proc.stdout and "perplexity" in proc.stdout
+    for key in ("loss", "accuracy", "perplexity"):
+        assert evaluated.data.metrics[f"test/{key}"] == pytest.approx(run.data.metrics[f"eval/{key}"], rel=1e-5)
+
 
 def test_a_stopped_job_resumes_in_its_own_run(tmp_path, s3, mlflow_server, cluster):
     """`ptv2 stop` ends the job and its MLflow run as KILLED; `ptv2 submit --resume JOB_ID`

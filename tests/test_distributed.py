@@ -163,6 +163,34 @@ def test_killed_worker_and_truncated_checkpoint_resume_the_same_trajectory(tmp_p
     assert _losses(report) == pytest.approx(expected, rel=1e-5)
 
 
+def test_early_stopping_keeps_its_patience_across_a_resume_and_ends_on_the_best_prompt(tmp_path):
+    # no later evaluation beats the first by 1e9: the best is step 2's, patience runs out at step 6.
+    # Rank 1 dies at step 5, after the step-4 checkpoint (one evaluation without improvement).
+    job = _job(
+        tmp_path,
+        "llama",
+        "causal-lm",
+        max_steps=24,
+        eval_every=2,
+        early_stopping={"patience": 2, "min_delta": 1e9},
+    )
+    report = tmp_path / "report.json"
+    proc = torchrun(job, report, env={"FAIL_AT_STEP": "5"}, check=False)
+    assert proc.returncode != 0 and not report.exists()
+    report.with_suffix(".losses.jsonl").unlink()
+    proc = torchrun(job, report, env={"FAIL_AT_STEP": "5"})
+    assert "resumed from checkpoint step-00000004 (step 4)" in proc.stdout
+    r = json.loads(report.read_text())
+    assert r["steps"] == 6 and "in 2 evaluations after its best" in r["stopped"] and "at step 2" in r["stopped"]
+    assert sorted(_losses(report)) == [5, 6]  # nothing trained after the stop
+    # the final prompt is the best evaluation's, restored from storage (the resumed run never held it)
+    final = load_file(tmp_path / "out" / "prompt" / "trainable.safetensors")
+    best = load_file(tmp_path / "out" / "best" / "trainable.safetensors")
+    assert final.keys() == best.keys() and all(torch.equal(final[k], best[k]) for k in final)
+    manifests = [json.loads((tmp_path / "out" / d / "manifest.json").read_text())["extra"] for d in ("prompt", "best")]
+    assert manifests[0] == manifests[1] and manifests[0]["step"] == 2
+
+
 @pytest.mark.parametrize(
     "config,init,packed",
     [("zero2.json", "text", False), ("replicated.json", "vocab", True), ("zero3_offload.json", "normal", False)],

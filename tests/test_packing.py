@@ -83,7 +83,8 @@ def test_a_token_sees_the_prompt_and_its_own_segment_only():
             assert torch.equal(allowed[b, i, 3:], same)  # its own segment, causally; nothing else
     # positions restart after the prefix in every segment
     first = torch.nonzero(batch["segment_positions"] == 0)
-    assert (prompted.kwargs["position_ids"][first[:, 0], first[:, 1]][segments[first[:, 0], first[:, 1]] > 0] == 3).all()
+    starts = prompted.kwargs["position_ids"][first[:, 0], first[:, 1]]
+    assert (starts[segments[first[:, 0], first[:, 1]] > 0] == 3).all()
 
 
 def test_packing_is_deterministic_and_no_target_crosses_a_segment():

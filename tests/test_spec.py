@@ -3,6 +3,7 @@ field, before anything is submitted or recorded."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -148,6 +149,24 @@ CASES = [
     ("format-unknown", with_("data.format", "xml"), "data.format", "'auto', 'jsonl', 'csv' or 'parquet'"),
     ("template-no-slot", with_("data.prompt_template", "Question:"), "data.prompt_template", "must contain {prompt}"),
     ("section-not-mapping", with_("train", [1, 2]), "train", "Input should be a valid dictionary"),
+    (
+        "early-stopping-no-eval",
+        with_("train.early_stopping", {"patience": 2}),
+        "train.early_stopping",
+        "compares evaluations: set data.validation_file and train.eval_every",
+    ),
+    (
+        "early-stopping-metric",
+        yaml.safe_dump({**good(), "train": {"eval_every": 2, "early_stopping": {"patience": 2, "metric": "bleu"}}}),
+        "train.early_stopping.metric",
+        "'bleu' is not an eval metric of seq-cls (loss, accuracy, macro_f1)",
+    ),
+    (
+        "early-stopping-patience",
+        with_("train.early_stopping", {"patience": 0}),
+        "train.early_stopping.patience",
+        "greater than or equal to 1",
+    ),
 ]
 
 
@@ -284,3 +303,91 @@ def test_model_on_cluster_still_checks_data_and_local_paths(folder):
     path.write_text(with_("model.name_or_path", "./no-such-model"))
     with pytest.raises(SpecError, match="model.name_or_path: .*no-such-model does not exist"):
         load_spec(path, model_on_cluster=True)
+
+
+# ---- ptv2 inspect -------------------------------------------------------------------------------
+def _direct_counts(spec) -> dict:
+    """What `ptv2 inspect` must say of a spec's training file, counted here without ptv2's encoders
+    (the one rule taken from the product: which response tokens a too-long causal-LM example keeps)."""
+    from collections import Counter
+
+    from transformers import AutoTokenizer
+
+    from ptv2.tasks.causal_lm import join_generation
+
+    d, task = spec.data, spec.model.task
+    tok = AutoTokenizer.from_pretrained(spec.model.name_or_path)
+    rows = [json.loads(line) for line in Path(d.train_file).read_text().splitlines() if line.strip()]
+    lengths, lost, labelled, labels = [], 0, 0, Counter()
+    for r in rows:
+        if task == "causal-lm":
+            p = tok(d.prompt_template.replace("{prompt}", r[d.prompt_column]))["input_ids"]
+            resp = tok(r[d.response_column], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            kept = join_generation(p, resp[:-1], tok.eos_token_id, d.max_length)["labels"]
+            lengths.append(len(p) + len(resp))
+            labelled += len(resp)
+            lost += len(resp) - sum(x != -100 for x in kept)
+        elif task == "seq-cls":
+            lengths.append(len(tok(r[d.text_column])["input_ids"]))
+            labels[r[d.label_column]] += 1
+        else:
+            enc = tok(r[d.tokens_column], is_split_into_words=True)
+            lengths.append(len(enc["input_ids"]))
+            labels.update(r[d.tags_column])
+            kept_words = {w for w in enc.word_ids()[: d.max_length - 1] if w is not None}
+            labelled += len(r[d.tokens_column])
+            lost += len(r[d.tokens_column]) - len(kept_words)
+    inputs = [
+        json.dumps([r[c] for c in sorted(r) if c not in (d.response_column, d.label_column, d.tags_column)])
+        for r in rows
+    ]
+    ordered = sorted(lengths)
+    return {
+        "rows": len(rows),
+        "tokens_max": max(lengths),
+        "tokens_p50": ordered[-(-len(ordered) // 2) - 1],
+        "truncated_pct": pytest.approx(100 * sum(n > d.max_length for n in lengths) / len(rows)),
+        "labelled_lost_pct": pytest.approx(100 * lost / labelled if labelled else 0.0),
+        "duplicates": len(inputs) - len(set(inputs)),
+        "labels": dict(sorted(labels.items())) if labels else None,
+    }
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "smollm2_chat.yaml", "wnut16_ner.yaml"])
+def test_inspect_numbers_equal_a_direct_count(name, shipped):
+    from launcher.spec import load_spec
+
+    path = shipped / "jobs" / name
+    data = Path(yaml.safe_load(path.read_text())["data"]["train_file"]).parent.name
+    if not (shipped / "data" / data).is_dir():
+        pytest.skip(f"the {data} data needs the network once (python -m ptv2.assets)")
+    result = runner.invoke(app, ["inspect", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    reports = json.loads(result.output)
+    train = reports[0]
+    assert train["split"] == "train" and [r["split"] for r in reports][1:] == ["validation"]
+    expected = _direct_counts(load_spec(path))
+    assert {k: train[k] for k in expected} == expected
+    assert train["bad_rows"] == 0 and len(train["examples"]) == 2 and "⟦" in train["examples"][0]
+    assert train["sha256"] == hashlib.sha256(Path(train["path"]).read_bytes()).hexdigest()
+
+
+def test_inspect_says_when_the_template_truncates_every_response(folder):
+    rows = [{"prompt": f"question {i}", "response": " ".join(f"w{j}" for j in range(i, i + 30))} for i in range(6)]
+    rows.append({"prompt": "", "response": "x"})  # a bad row: reported, not raised
+    (folder / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    save_tiny(folder / "lm", "llama", "causal-lm")
+    spec = {
+        "name": "long-template",
+        "model": {"name_or_path": "lm", "task": "causal-lm"},
+        "prompt": {"length": 2},
+        "data": {"train_file": "long.jsonl", "max_length": 24, "prompt_template": "w1 " * 40 + "{prompt}"},
+    }
+    path = folder / "long.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result = runner.invoke(app, ["inspect", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "rows 7, bad rows 1 (row 7: empty prompt)" in result.output
+    assert "truncated 100.0% of examples" in result.output
+    assert "warning: every example is longer than data.max_length 24" in result.output
+    assert "warning: truncation cuts" in result.output and "shorten data.prompt_template" in result.output

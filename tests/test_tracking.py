@@ -17,6 +17,7 @@ import torch
 
 from ptv2.artifact import FOLDED, RAW, sha256_file
 from tests.helpers import running_mlflow_server, write_spec
+from tests.tiny import write_task_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +57,9 @@ def trained(server, tmp_path_factory):
         name="tracked",
         resources={"workers": 2},
         tracking={"experiment": "tracked", "tracking_uri": url, "register_as": "tiny-prompt"},
+        data={"test_file": "test.jsonl"},
     )
+    write_task_data(d / "test.jsonl", "seq-cls", n=20, seed=2)
     proc = _ptv2(["run", "job.yaml"], d, d / "home")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     run_id = next(line.split()[-1] for line in proc.stdout.splitlines() if line.startswith("run id:"))
@@ -235,3 +238,48 @@ def test_run_page_shows_the_run_and_its_metric_charts(trained, tmp_path):
     keep = os.environ.get("PTV2_SCREENSHOT")  # a picture of the page, for the README
     if keep:
         _chromium(chromium, tmp_path / "chrome-shot", "--window-size=1400,1000", f"--screenshot={keep}", page)
+
+
+def test_the_run_records_its_data_as_datasets_with_a_report(trained):
+    import mlflow
+
+    d, url, run_id, _ = trained
+    client = mlflow.MlflowClient(url)
+    inputs = client.get_run(run_id).inputs.dataset_inputs
+    by_context = {t.value: i.dataset for i in inputs for t in i.tags if t.key == "mlflow.data.context"}
+    assert set(by_context) == {"train", "validation", "test"}
+    for context, name in (("train", "train.jsonl"), ("validation", "dev.jsonl"), ("test", "test.jsonl")):
+        assert by_context[context].name == name
+        assert by_context[context].digest == sha256_file(d / name)[:32]
+    report = json.loads(Path(client.download_artifacts(run_id, "data_report.json", str(d / "report"))).read_text())
+    assert [r["rows"] for r in report] == [64, 24, 20]  # what write_spec and the test file hold
+
+
+def test_eval_of_the_registered_prompt_equals_the_runs_test_metrics(trained):
+    import mlflow
+
+    d, url, run_id, _ = trained
+    proc = _ptv2(["eval", "models:/tiny-prompt/1", "--data", "test.jsonl", "--tracking-uri", url], d, d / "home")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "accuracy" in proc.stdout and "20 examples; MLflow run" in proc.stdout
+    client = mlflow.MlflowClient(url)
+    expected = {k: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith("test/")}
+    assert set(expected) == {"test/loss", "test/accuracy", "test/macro_f1"}
+    [evaluation] = client.search_runs(
+        [client.get_run(run_id).info.experiment_id], f"tags.`ptv2.evaluates` = '{run_id}'"
+    )
+    assert evaluation.info.run_id in proc.stdout and evaluation.info.status == "FINISHED"
+    for key, value in expected.items():
+        assert evaluation.data.metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert evaluation.data.tags["mlflow.parentRunId"] == run_id
+    assert evaluation.data.tags["ptv2.evaluates_model"] == "models:/tiny-prompt/1"
+    assert client.get_model_version("tiny-prompt", "1").tags["ptv2.last_evaluation"] == evaluation.info.run_id
+    [used] = evaluation.inputs.dataset_inputs
+    assert used.dataset.digest == sha256_file(d / "test.jsonl")[:32]
+
+    # a column the file lacks: named, exit 1, no run recorded
+    proc = _ptv2(
+        ["eval", run_id, "--data", "test.jsonl", "--column", "text=sentence", "--tracking-uri", url], d, d / "home"
+    )
+    assert proc.returncode == 1 and "test.jsonl: missing column(s) sentence" in proc.stderr, proc.stderr
+    assert len(client.search_runs([evaluation.info.experiment_id], "tags.`ptv2.kind` = 'evaluation'")) == 1

@@ -68,6 +68,10 @@ class Task:
         """The columns of a data file this task reads (`data`: the spec's data settings)."""
         raise NotImplementedError
 
+    def target_column(self, data) -> str:
+        """The column the loss is on (response, label or tags); the others are the input."""
+        raise NotImplementedError
+
     def encode(self, batch: dict, data, labels: list[str], tokenizer) -> dict:
         """A batch of rows (column -> values) as token ids and labels, with "_error" (empty for
         a good row, else why it is bad)."""

@@ -55,6 +55,9 @@ class CausalLM(Task):
     def columns(self, data) -> list[str]:
         return [data.prompt_column, data.response_column]
 
+    def target_column(self, data) -> str:
+        return data.response_column
+
     def encode(self, batch: dict, data, labels, tokenizer) -> dict:
         prompts, responses = batch[data.prompt_column], batch[data.response_column]
         errors = [

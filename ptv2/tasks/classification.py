@@ -31,6 +31,9 @@ class SequenceClassification(Task):
     def columns(self, data) -> list[str]:
         return [data.text_column, data.label_column] + ([data.text_pair_column] if data.text_pair_column else [])
 
+    def target_column(self, data) -> str:
+        return data.label_column
+
     def encode(self, batch: dict, data, labels, tokenizer) -> dict:
         known = set(labels)
         texts, raw = batch[data.text_column], batch[data.label_column]

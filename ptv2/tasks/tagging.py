@@ -50,6 +50,9 @@ class TokenClassification(Task):
     def columns(self, data) -> list[str]:
         return [data.tokens_column, data.tags_column]
 
+    def target_column(self, data) -> str:
+        return data.tags_column
+
     def encode(self, batch: dict, data, labels, tokenizer) -> dict:
         known = set(labels)
         words, tags = batch[data.tokens_column], batch[data.tags_column]
