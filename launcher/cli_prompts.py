@@ -195,7 +195,11 @@ def serve(
     token_file: Path = typer.Option(
         None,
         "--token-file",
-        help="require 'Authorization: Bearer TOKEN', TOKEN the file's first line ($PTV2_SERVE_TOKEN too)",
+        help="require 'Authorization: Bearer TOKEN': the file's first line, or YAML tokens with the prompts each "
+        "may use and which may change prompts (README); $PTV2_SERVE_TOKEN: one token",
+    ),
+    metrics_port: int = typer.Option(
+        None, "--metrics-port", help="export Prometheus metrics (Ray's and ptv2's) here (embedded Ray)"
     ),
     refresh_s: float = typer.Option(
         30.0, help="re-resolve registry aliases this often (0: on POST /v1/prompts/refresh only)"
@@ -207,8 +211,10 @@ def serve(
     tracking_uri: str = UriOpt,
 ) -> None:
     """Serve many prompts on one frozen base model over HTTP (Ray Serve): requests for different
-    prompts share batches. API: /v1/predict, /v1/generate, /v1/completions (OpenAI), /v1/prompts."""
+    prompts share batches. API: /v1/predict, /v1/generate, /v1/completions and /v1/chat/completions
+    (OpenAI, streamed too), /v1/models, /v1/prompts."""
     from launcher import serve as srv  # Ray Serve and FastAPI: loaded by this command only
+    from launcher import serve_run  # (as above)
 
     pairs = [(serve_sources.default_name(x), x) for x in sources or []]
     for item in named or []:
@@ -216,13 +222,15 @@ def serve(
         if not sep or not name or not source:
             fail(f"--prompt {item!r}: expected NAME=SOURCE")
         pairs.append((name, source))
+    from launcher import serve_access
+
     token = os.environ.get("PTV2_SERVE_TOKEN")
-    if token_file is not None:
-        if not token_file.is_file():
-            fail(f"--token-file {token_file} does not exist")
-        token = (token_file.read_text().splitlines() or [""])[0].strip()
-    if token is not None and len(token) < 16:
-        fail("the bearer token must be at least 16 characters")
+    try:
+        tenants = serve_access.read_token_file(token_file) if token_file is not None else None
+        if tenants is None and token is not None:
+            tenants = serve_access.single(token)
+    except serve_access.AccessError as e:
+        fail(str(e))
     cache = cache_dir or tracking.home() / "serve-cache"
     try:
         entries = serve_sources.startup_entries(tracking_uri, pairs, cache)
@@ -242,7 +250,7 @@ def serve(
             max_prompts=max_prompts,
             max_prompt_bytes=int(max_prompt_mb * (1 << 20)),
             max_new_tokens=max_new_tokens,
-            token_sha256=srv.token_digest(token) if token else None,
+            tenants=tenants,
             tracking_uri=tracking.resolve_uri(tracking_uri),
             cache_dir=str(Path(cache).resolve()),
             refresh_s=refresh_s,
@@ -251,10 +259,10 @@ def serve(
         fail(str(e))
     except ValidationError as e:  # an option out of range, named as on the command line
         fail("; ".join(f"--{'-'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}" for x in e.errors()))
-    if not srv.is_loopback(host) and options.token_sha256 is None:
+    if not srv.is_loopback(host) and options.tenants is None:
         typer.echo(f"warning: serving on {host} without a token: anyone who reaches it can use it", err=True)
     try:
-        code = srv.serve_forever(options, entries, ray_address, echo=typer.echo)
+        code = serve_run.serve_forever(options, entries, ray_address, echo=typer.echo, metrics_port=metrics_port)
     except serve_sources.ServeError as e:
         fail(f"the server did not start: {e}", code=1)
     raise typer.Exit(code)

@@ -26,24 +26,20 @@ launcher/serve_api.py, the prompt sources and the replica's bank in launcher/ser
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import ipaddress
 import logging
-import os
-import re
-import secrets
-import signal
-import threading
-import time
 from typing import Literal
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from launcher.prompts import FetchError
+from launcher.serve_access import OPEN, Tenant, authenticate
 from launcher.serve_api import (
     AddPrompt,
+    ChatBody,
     CompletionBody,
     GenerateBody,
     HTTPError,
@@ -52,7 +48,9 @@ from launcher.serve_api import (
     app,
     serving_error,
 )
-from launcher.serve_sources import Entry, PromptUnavailable, ReplicaPrompts, ServeError
+from launcher.serve_metrics import ServeMetrics
+from launcher.serve_openai import Stream, chat_completion, completion
+from launcher.serve_sources import Entry, PromptUnavailable, ReplicaPrompts
 from ptv2 import generation, serving
 from ptv2.artifact import ArtifactError
 from ptv2.scheduler import Scheduler
@@ -80,7 +78,7 @@ class ServeOptions(BaseModel):
     max_input_tokens: int | None = Field(None, ge=1)
     max_new_tokens: int = Field(512, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1024)
-    token_sha256: str | None = None
+    tenants: list[Tenant] | None = None  # who may use which prompts (None: no token needed)
     tracking_uri: str | None = None
     cache_dir: str
     refresh_s: float = Field(30.0, ge=0)  # 0: aliases move only on POST /v1/prompts/refresh
@@ -99,17 +97,25 @@ class ServeOptions(BaseModel):
         return getattr(torch, self.dtype)
 
 
-def token_digest(token: str) -> str:
-    """Replicas keep the token's sha256 only (their arguments are visible to the cluster)."""
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     with contextlib.suppress(ValueError):
         return ipaddress.ip_address(host).is_loopback
     return False
+
+
+# Module functions the replicas call are defined before the deployment classes: Serve serializes
+# a deployment when it is declared, with the module globals that exist then.
+def _sampling(body, raw: bool) -> Sampling:
+    """OpenAI's sampling fields (their defaults: temperature 1, top_p 1) as ptv2's."""
+    return Sampling(
+        temperature=body.temperature if body.temperature is not None else 1.0,
+        top_p=body.top_p if body.top_p is not None else 1.0,
+        seed=body.seed,
+        stop=body.stop,
+        raw=raw,
+    )
 
 
 # ---- the catalogue ---------------------------------------------------------------------------------------
@@ -159,10 +165,18 @@ class PromptServer:
             self.options.trust_remote_code,
         )
         self.bank = serving.PromptBank(self.base, self.options.max_prompts, self.options.max_prompt_bytes)
+        self.metrics = ServeMetrics()
+        app.state.metrics = self.metrics  # one replica per process: the request counter reads it
         self.prompts = ReplicaPrompts(
-            self.bank, catalog, self.options.tracking_uri, self.options.cache_dir, self.options.sync_s
+            self.bank,
+            catalog,
+            self.options.tracking_uri,
+            self.options.cache_dir,
+            self.options.sync_s,
+            on_event=self.metrics.bank_event,
         )
         self.scheduler = scheduler(self.base, self.options.max_batch_size, self.options.max_cache_tokens)
+        self._follower = asyncio.get_running_loop().create_task(self.metrics.follow(self.scheduler.stats))
         # the prompts the server starts with must all load: a bad one stops the start, by name
         await self.prompts.sync(force=True, strict=True)
         self._refresher = asyncio.get_running_loop().create_task(self.prompts.refresh_every(self.options.refresh_s))
@@ -171,31 +185,44 @@ class PromptServer:
         with contextlib.suppress(Exception):
             self.scheduler.close()
 
-    async def _prompt(self, name: str):
-        """The loaded prompt `name` (loaded here if need be); 404 naming the prompts served."""
+    async def _prompt(self, name: str, tenant: Tenant, request: Request):
+        """The loaded prompt `name` (loaded here if need be); 404 naming the prompts the caller
+        may use. A prompt another tenant's is, to this caller, one that does not exist: the same
+        answer, after the same catalogue sync."""
         try:
-            return await self.prompts.get(name)
+            if not tenant.may_use(name):
+                serving.check_name(name)
+                await self.prompts.sync(force=True)
+                raise serving.UnknownPrompt(name, [])
+            prompt = await self.prompts.get(name)
+        except serving.UnknownPrompt as e:
+            raise serving_error(serving.UnknownPrompt(name, self._visible(tenant))) from e
         except serving.ServingError as e:
             raise serving_error(e) from e
         except PromptUnavailable as e:
             raise HTTPError(503, str(e), "server_error") from e
+        request.state.prompt = name  # the metrics' label: a name the server serves
+        return prompt
+
+    def _visible(self, tenant: Tenant) -> list[str]:
+        return sorted(n for n in self.prompts.entries if tenant.may_use(n))
 
     # ---- access ---------------------------------------------------------------------------------------
-    def _auth(self, request: Request) -> None:
-        if self.options.token_sha256 is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(
-            token_digest(token.strip()), self.options.token_sha256
-        ):
+    def _auth(self, request: Request) -> Tenant:
+        tenant = authenticate(self.options.tenants, request.headers.get("authorization", ""))
+        if tenant is None:
             raise HTTPError(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)", "authentication_error")
+        return tenant
 
-    def _admin(self, request: Request) -> None:
-        self._auth(request)
-        if self.options.token_sha256 is None and not is_loopback(self.options.host):
+    def _admin(self, request: Request) -> Tenant:
+        tenant = self._auth(request)
+        if tenant is OPEN and not is_loopback(self.options.host):
             raise HTTPError(
                 403, "changing prompts needs a token when the server listens beyond the loopback", "permission_error"
             )
+        if not tenant.admin:
+            raise HTTPError(403, "this token may not add, replace or remove prompts", "permission_error")
+        return tenant
 
     # ---- batches ---------------------------------------------------------------------------------------
     def _encode(self, fn, *args, **kwargs):
@@ -208,7 +235,8 @@ class PromptServer:
         if n > self.options.max_batch_size:
             raise HTTPError(400, f"{n} inputs in one request; this server takes at most {self.options.max_batch_size}")
 
-    async def _generations(self, prompt, texts: list[str], body: Sampling, max_new_tokens: int) -> list:
+    def _generate(self, prompt, texts: list[str], body: Sampling, max_new_tokens: int, listeners=None):
+        """Encode `texts` (400/413 naming what is wrong) and hand them to the model thread."""
         self._check_count(len(texts))
         if max_new_tokens > self.options.max_new_tokens:
             raise HTTPError(
@@ -230,7 +258,10 @@ class PromptServer:
             )
             for text in texts
         ]
-        request = self.scheduler.generate(rows)
+        return self.scheduler.generate(rows, listeners)
+
+    async def _generations(self, prompt, texts: list[str], body: Sampling, max_new_tokens: int) -> list:
+        request = self._generate(prompt, texts, body, max_new_tokens)
         try:
             out = await asyncio.wrap_future(request.future)
         except asyncio.CancelledError:  # the client went away: its rows leave the batch
@@ -239,7 +270,28 @@ class PromptServer:
         failed = next((i for i, g in enumerate(out) if g.error), None)
         if failed is not None:
             raise HTTPError(500, f"input {failed} could not be continued: {out[failed].error}", "server_error")
+        self._measured(prompt.name, request, out)
         return out
+
+    def _measured(self, name: str, request, out: list) -> None:
+        """A finished generation request into the metrics: tokens, time to first token, per token."""
+        if request.admitted_at is None or request.done_at is None:
+            return
+        completion_tokens = sum(len(g.token_ids) for g in out)
+        self.metrics.generation(
+            name,
+            sum(g.prompt_tokens for g in out),
+            completion_tokens,
+            request.time_to_first_token,
+            request.done_at - request.admitted_at,
+        )
+
+    def _stream(self, prompt, texts: list[str], sampling: Sampling, max_tokens: int, chat: bool, options):
+        """A streamed answer (SSE) of OpenAI's chunks; errors before the first byte are JSON."""
+        stream = Stream(prompt.name, chat, bool(options and options.include_usage))
+        request = self._generate(prompt, texts, sampling, max_tokens, stream.listeners(len(texts)))
+        events = stream.events(request, len(texts), lambda out: self._measured(prompt.name, request, out))
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     # ---- routes --------------------------------------------------------------------------------------
     @app.get("/health")
@@ -249,9 +301,10 @@ class PromptServer:
 
     @app.get("/v1/prompts")
     async def list_prompts(self, request: Request) -> dict:
-        self._auth(request)
+        tenant = self._auth(request)
         await self.prompts.sync()
-        return {"base": self.base.name_or_path, "prompts": self.prompts.listing()}
+        rows = [row for row in self.prompts.listing() if tenant.may_use(row["name"])]
+        return {"base": self.base.name_or_path, "prompts": rows}
 
     @app.post("/v1/prompts", status_code=201)
     async def add_prompt(self, body: AddPrompt, request: Request) -> dict:
@@ -294,8 +347,7 @@ class PromptServer:
     @app.post("/v1/predict")
     async def predict(self, body: PredictBody, request: Request) -> dict:
         """Classify texts (seq-cls) or tag words (token-cls) with a prompt."""
-        self._auth(request)
-        prompt = await self._prompt(body.prompt)
+        prompt = await self._prompt(body.prompt, self._auth(request), request)
         items = body.items()
         self._check_count(len(items))
         rows = [
@@ -307,8 +359,7 @@ class PromptServer:
     @app.post("/v1/generate")
     async def generate(self, body: GenerateBody, request: Request) -> dict:
         """Continue texts with a causal-LM prompt (greedy unless temperature > 0)."""
-        self._auth(request)
-        prompt = await self._prompt(body.prompt)
+        prompt = await self._prompt(body.prompt, self._auth(request), request)
         out = await self._generations(prompt, body.items(), body, body.max_new_tokens)
         results = [
             {
@@ -322,44 +373,45 @@ class PromptServer:
         return {"prompt": prompt.name, "results": results}
 
     @app.post("/v1/completions")
-    async def completions(self, body: CompletionBody, request: Request) -> dict:
-        """OpenAI-compatible completions: `model` names the prompt."""
-        self._auth(request)
+    async def completions(self, body: CompletionBody, request: Request):
+        """OpenAI-compatible completions (`model` names the prompt), streamed with `stream`."""
+        tenant = self._auth(request)
         field = body.unsupported()
         if field is not None:
             raise HTTPError(400, f"{field} is not supported by ptv2 serve", param=field)
-        prompt = await self._prompt(body.model)
+        prompt = await self._prompt(body.model, tenant, request)
         texts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-        sampling = Sampling(
-            temperature=body.temperature if body.temperature is not None else 1.0,
-            top_p=body.top_p if body.top_p is not None else 1.0,
-            seed=body.seed,
-            stop=body.stop,
-            raw=body.raw,
-        )
-        out = await self._generations(prompt, texts, sampling, body.max_tokens or 16)
-        used = sum(g.prompt_tokens for g in out), sum(len(g.token_ids) for g in out)
-        return {
-            "id": f"cmpl-{secrets.token_hex(12)}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": prompt.name,
-            "choices": [
-                {"text": g.text, "index": i, "logprobs": None, "finish_reason": g.finish_reason}
-                for i, g in enumerate(out)
-            ],
-            "usage": {"prompt_tokens": used[0], "completion_tokens": used[1], "total_tokens": sum(used)},
-        }
+        sampling = _sampling(body, raw=body.raw)
+        if body.stream:
+            return self._stream(prompt, texts, sampling, body.max_tokens or 16, False, body.stream_options)
+        return completion(prompt.name, await self._generations(prompt, texts, sampling, body.max_tokens or 16))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatBody, request: Request):
+        """OpenAI-compatible chat completions (`model` names a causal-LM prompt), streamed with
+        `stream`: the conversation laid out as the prompt was trained (`generation.chat_text`)."""
+        tenant = self._auth(request)
+        field = body.unsupported()
+        if field is not None:
+            raise HTTPError(400, f"{field} is not supported by ptv2 serve", param=field)
+        prompt = await self._prompt(body.model, tenant, request)
+        if not prompt.task.generates:
+            raise HTTPError(400, f"prompt {prompt.name!r} is a {prompt.task} prompt; chat needs causal-lm")
+        text = self._encode(generation.chat_text, prompt, body.conversation())
+        sampling = _sampling(body, raw=True)
+        max_tokens = body.max_completion_tokens or body.max_tokens or min(self.options.max_new_tokens, 256)
+        if body.stream:
+            return self._stream(prompt, [text], sampling, max_tokens, True, body.stream_options)
+        return chat_completion(prompt.name, await self._generations(prompt, [text], sampling, max_tokens))
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
-        self._auth(request)
+        tenant = self._auth(request)
         await self.prompts.sync()
         return {
             "object": "list",
             "data": [
-                {"id": name, "object": "model", "created": 0, "owned_by": "ptv2"}
-                for name in sorted(self.prompts.entries)
+                {"id": name, "object": "model", "created": 0, "owned_by": "ptv2"} for name in self._visible(tenant)
             ],
         }
 
@@ -381,111 +433,3 @@ def build_app(options: ServeOptions, entries: list[Entry], scheduler=Scheduler):
         health_check_period_s=10,
     )
     return server.bind(options.model_dump(), catalog, scheduler)
-
-
-def start(
-    options: ServeOptions,
-    entries: list[Entry],
-    address: str | None = None,
-    num_cpus: int | None = None,
-    scheduler=Scheduler,
-):
-    """Start Ray (embedded unless `address`) and Serve, deploy, and return the app's handle;
-    raises ServeError with the replica's reason when the application does not start."""
-    import ray
-
-    if address is None:
-        _check_port(options.host, options.port)
-    started_ray = False
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, configure_logging=False)
-        else:
-            cpus = num_cpus or max(os.cpu_count() or 1, int(options.replicas * options.cpus_per_replica))
-            ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False)
-        started_ray = True
-    serve.start(http_options={"host": options.host, "port": options.port})
-    host, port = http_bind()
-    if (host, port) != (options.host, options.port):
-        # Serve keeps the HTTP options it started with (Ray only logs a warning): the replicas'
-        # admin check and the token warning would trust a host that is not the real one
-        stop(started_ray, address)
-        raise ServeError(
-            f"Ray Serve already runs on this cluster, listening on {host}:{port}, and cannot move while it runs: "
-            f"serve with --host {host} --port {port}, or shut that Serve down first (serve shutdown)"
-        )
-    try:
-        return serve.run(build_app(options, entries, scheduler), name=APP_NAME, route_prefix="/")
-    except Exception as e:
-        detail = str(e)
-        with contextlib.suppress(Exception):  # the replica's own exception is in the app's status
-            status = serve.status().applications[APP_NAME]
-            detail += "\n".join(["", status.message, *(d.message for d in status.deployments.values())])
-        stop(started_ray, address)
-        raise ServeError(_reason(detail)) from e
-
-
-def http_bind() -> tuple[str, int]:
-    """(host, port) the running Serve's HTTP proxies listen on. Ray 2.60 has no public call for
-    it: its controller client holds the options the proxies started with (a stable schema)."""
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeInstanceDetails
-
-    details = ServeInstanceDetails(**_get_global_client().get_serve_details())
-    return details.http_options.host, details.http_options.port
-
-
-def _check_port(host: str, port: int) -> None:
-    """Refuse a port something else holds now (Serve's proxy would only log its failure)."""
-    import socket
-
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise ServeError(f"cannot listen on {host}:{port}: {e.strerror}") from e
-
-
-def _reason(text: str) -> str:
-    """The line of a failed deployment that says why (the replica's own exception)."""
-    found = re.findall(r"(?:ArtifactError|FetchError|ServeError|UnsupportedModelError|OSError|ValueError): (.+)", text)
-    return found[-1].strip() if found else text.strip().splitlines()[-1][:2000]
-
-
-def stop(shutdown_ray: bool, address: str | None) -> None:
-    """Take down what `start` brought up: the whole embedded Ray, or only this app on a cluster."""
-    import ray
-
-    with contextlib.suppress(Exception):
-        if address:
-            serve.delete(APP_NAME)
-        else:
-            serve.shutdown()
-    if shutdown_ray and ray.is_initialized():
-        ray.shutdown()
-
-
-def serve_forever(options: ServeOptions, entries: list[Entry], address: str | None = None, echo=print) -> int:
-    """Run until SIGINT/SIGTERM, then take down what was started; returns the exit status."""
-    import ray
-
-    started_ray = not ray.is_initialized()
-    done = threading.Event()
-    previous = {}
-    try:
-        start(options, entries, address)
-        # after ray.init, which installs handlers of its own: ours end the wait, then clean up
-        previous = {s: signal.signal(s, lambda *_: done.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-        url = f"http://{options.host}:{options.port}"
-        echo(f"serving {len(entries)} prompt(s) on {options.base} at {url}  (Ctrl-C stops)")
-        for e in entries:
-            echo(f"  {e.name:<24} {e.source}" + (f"  (version {e.version})" if e.version else ""))
-        echo(f"try: curl {url}/v1/prompts")
-        while not done.wait(1.0):
-            pass
-        return 0
-    finally:
-        echo("stopping")
-        stop(started_ray, address)
-        for s, handler in previous.items():
-            signal.signal(s, handler)

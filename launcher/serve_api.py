@@ -75,6 +75,12 @@ class GenerateBody(Sampling):
         return [self.input] if self.inputs is None else list(self.inputs)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False  # a last chunk with the usage (and no choices)
+
+
 class CompletionBody(BaseModel):
     """OpenAI's /v1/completions request; fields ptv2 cannot honour are refused by name when set
     to anything but their neutral value, unknown ones ignored (clients send extras)."""
@@ -89,6 +95,7 @@ class CompletionBody(BaseModel):
     n: int | None = 1
     best_of: int | None = None
     stream: bool | None = False
+    stream_options: StreamOptions | None = None
     logprobs: int | None = None
     echo: bool | None = False
     suffix: str | None = None
@@ -104,7 +111,6 @@ class CompletionBody(BaseModel):
         neutral = {
             "n": (self.n, (None, 1)),
             "best_of": (self.best_of, (None, 1)),
-            "stream": (self.stream, (None, False)),
             "logprobs": (self.logprobs, (None,)),
             "echo": (self.echo, (None, False)),
             "suffix": (self.suffix, (None, "")),
@@ -113,6 +119,84 @@ class CompletionBody(BaseModel):
             "logit_bias": (self.logit_bias, (None, {})),
         }
         return next((k for k, (v, ok) in neutral.items() if v not in ok), None)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: Text | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: Text | Annotated[list[TextPart], Field(max_length=64)] | None = None
+    name: str | None = None
+
+    def text(self, index: int) -> str:
+        """The content as one text: a string, or text parts joined (other parts are refused)."""
+        if self.role not in ("system", "developer", "user", "assistant"):
+            raise HTTPError(400, f"messages[{index}].role: {self.role!r} is not supported", param=f"messages.{index}")
+        if self.content is None:
+            raise HTTPError(400, f"messages[{index}].content is missing", param=f"messages.{index}.content")
+        if isinstance(self.content, str):
+            return self.content
+        kinds = {p.type for p in self.content} - {"text"}
+        if kinds:
+            raise HTTPError(400, f"messages[{index}].content: only text parts are supported, not {sorted(kinds)}")
+        return "".join(p.text or "" for p in self.content)
+
+
+class ChatBody(BaseModel):
+    """OpenAI's /v1/chat/completions request; as CompletionBody, fields ptv2 cannot honour are
+    refused by name when set, unknown ones ignored."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: str
+    messages: Annotated[list[Message], Field(min_length=1, max_length=256)]
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(1.0, ge=0, le=2)
+    top_p: float | None = Field(1.0, gt=0, le=1)
+    n: int | None = 1
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: Stop | Annotated[list[Stop], Field(max_length=4)] | None = None
+    seed: int | None = Field(None, ge=0, lt=1 << 63)
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
+    user: str | None = None
+
+    def unsupported(self) -> str | None:
+        neutral = {
+            "n": (self.n, (None, 1)),
+            "presence_penalty": (self.presence_penalty, (None, 0)),
+            "frequency_penalty": (self.frequency_penalty, (None, 0)),
+            "logit_bias": (self.logit_bias, (None, {})),
+            "logprobs": (self.logprobs, (None, False)),
+            "top_logprobs": (self.top_logprobs, (None, 0)),
+            "tools": (self.tools, (None, [])),
+            "tool_choice": (self.tool_choice, (None, "none", "auto")),
+            "response_format": (self.response_format, (None, {"type": "text"})),
+        }
+        return next((k for k, (v, ok) in neutral.items() if v not in ok), None)
+
+    def conversation(self) -> list[tuple[str, str]]:
+        """(role, text) of each message; a developer message is a system message."""
+        out = []
+        for i, m in enumerate(self.messages):
+            text = m.text(i)
+            out.append(("system" if m.role == "developer" else m.role, text))
+        return out
 
 
 # ---- errors as JSON ------------------------------------------------------------------------------------
@@ -163,6 +247,12 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
 
 
+def _state(scope):
+    """The state of the app serving this request: the replica's own copy of `app` (Serve ships the
+    ingress app with the deployment class), not necessarily this module's object."""
+    return scope["app"].state if "app" in scope else app.state
+
+
 class _TooLarge(Exception):
     pass
 
@@ -176,7 +266,7 @@ class BodyLimit:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.asgi(scope, receive, send)
-        limit = getattr(app.state, "max_body_bytes", 1 << 20)
+        limit = getattr(_state(scope), "max_body_bytes", 1 << 20)
         length = dict(scope.get("headers") or []).get(b"content-length")
         too_large = error_response(413, f"request body over {limit} bytes")
         if length is not None and (not length.isdigit() or int(length) > limit):
@@ -197,7 +287,36 @@ class BodyLimit:
             await too_large(scope, receive, send)
 
 
+class Counted:
+    """Count every answered request in the replica's metrics (`app.state.metrics`): its route
+    (the path template), the prompt it named (set by the route once the prompt is found) and its
+    status. Streams are counted when they end."""
+
+    def __init__(self, asgi) -> None:
+        self.asgi = asgi
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.asgi(scope, receive, send)
+        status = 500
+
+        async def sending(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.asgi(scope, receive, sending)
+        finally:
+            metrics = getattr(_state(scope), "metrics", None)
+            if metrics is not None:
+                route = getattr(scope.get("route"), "path", "other")
+                metrics.request(route, (scope.get("state") or {}).get("prompt", ""), status)
+
+
 app.add_middleware(BodyLimit)
+app.add_middleware(Counted)  # outermost: it sees BodyLimit's answers too
 
 
 def serving_error(exc: Exception) -> HTTPError:

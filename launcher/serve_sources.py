@@ -178,8 +178,10 @@ class ReplicaPrompts:
     """One replica's bank in step with the application's catalogue (see the module docstring).
     `catalog`: the catalogue deployment's handle (`entries`, `put`, `remove`)."""
 
-    def __init__(self, bank, catalog, tracking_uri: str | None, cache_dir: str, sync_s: float) -> None:
+    def __init__(self, bank, catalog, tracking_uri: str | None, cache_dir: str, sync_s: float, on_event=None) -> None:
+        """`on_event(event, name)`: the bank's hits, loads and evictions (the replica's metrics)."""
         self.bank, self.catalog, self.sync_s = bank, catalog, sync_s
+        self.on_event = on_event or (lambda event, name: None)
         self.tracking_uri, self.cache_dir = tracking_uri, cache_dir
         self.entries: dict[str, dict] = {}
         self.failures = LoadFailures()  # prompt versions that did not load here, retried with backoff
@@ -224,6 +226,9 @@ class ReplicaPrompts:
                 self.failures.record(name, entry, str(e), time.monotonic())
                 raise
             self.failures.clear(name)
+            self.on_event("load", name)
+            for gone in evicted:
+                self.on_event("eviction", gone)
             if evicted:
                 logger.info("prompt %s loaded; evicted (least recently used): %s", name, ", ".join(evicted))
             return prompt
@@ -238,6 +243,7 @@ class ReplicaPrompts:
         await self.sync()
         loaded = self.bank.peek(name)
         if loaded is not None:
+            self.on_event("hit", name)
             return self.bank.get(name)  # counts as a use (least recently used out)
         if name not in self.entries:
             await self.sync(force=True)

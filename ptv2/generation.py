@@ -91,6 +91,31 @@ def encode_generate(
     )
 
 
+def chat_text(base: ServedBase, prompt: LoadedPrompt, messages: Sequence[tuple[str, str]]) -> str:
+    """The text a chat request continues (roles and contents, in order). A prompt trained with a
+    template (`data.prompt_template`) learnt one layout, one user turn: the request must be that
+    one user message, laid out the same way. A prompt stored without one takes the base
+    tokenizer's chat template over the whole conversation."""
+    if not messages:
+        raise BadInput("messages is empty")
+    roles = [role for role, _ in messages]
+    if prompt.template is not None:
+        if roles != ["user"]:
+            raise BadInput(
+                f"prompt {prompt.name!r} was trained on one user turn laid out as {prompt.template!r}: send one "
+                f"user message (got {', '.join(roles)})"
+            )
+        return apply_template(prompt.template, [messages[0][1]])[0]
+    tokenizer = base.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise BadInput(f"prompt {prompt.name!r} has no stored template and {base.name_or_path} has no chat template")
+    if roles[-1] != "user":
+        raise BadInput(f"the last message must be the user's, not the {roles[-1]}'s")
+    text = base.render_chat([{"role": r, "content": c} for r, c in messages])
+    bos = tokenizer.bos_token
+    return text[len(bos) :] if bos and text.startswith(bos) else text  # tokenizing adds it again
+
+
 # Below this temperature sampling is greedy decoding: dividing logits by ~1e-39 overflows them to
 # inf (and softmax to NaN), and anything this cold picks the argmax anyway (vLLM's threshold).
 GREEDY_BELOW = 1e-5

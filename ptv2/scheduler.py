@@ -37,8 +37,14 @@ class Generating:
     on_text: list[Callable[[str], None] | None]
     future: Future = field(default_factory=Future)
     results: dict[int, Generation] = field(default_factory=dict)  # row index -> result
-    admitted_at: float | None = None
+    created_at: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None  # when its rows joined, their first token sampled
+    done_at: float | None = None
     cancelled: bool = False
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.admitted_at is None else self.admitted_at - self.created_at
 
     def cancel(self) -> None:
         """The client went away: its rows leave the batch at the next step (or never join)."""
@@ -239,6 +245,7 @@ class Scheduler:
                 still.append(request)
                 continue
             self.stats.generations += 1
+            request.done_at = time.monotonic()
             if not request.future.done():
                 request.future.set_result([request.results[i] for i in range(len(request.rows))])
         self._running = still

@@ -120,6 +120,11 @@ class ServedBase:
         with self._tok_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def render_chat(self, messages: list[dict]) -> str:
+        """A conversation through the tokenizer's chat template, ready for the reply."""
+        with self._tok_lock:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
     @classmethod
     def load(
         cls,
