@@ -1,28 +1,26 @@
-"""Serving many prompts: shared mixed-prompt batches against one prompt and against switching
-prompts, through `ptv2 serve`'s HTTP API on a real Ray Serve (results: benchmarks/SERVING.md).
+"""Serving many prompts through `ptv2 serve`'s HTTP API on a real Ray Serve (results:
+benchmarks/SERVING.md). All modes of a workload in one run, interleaved in rounds.
 
-    python benchmarks/serve_bench.py --json out.json          # about 9 minutes on 2 CPU cores
+    python benchmarks/serve_bench.py --json benchmarks/serve_results.json   # about 20 minutes on 2 CPU cores
 
-Closed-loop clients (each sends its next request when its last is answered), all modes in one
-run, interleaved in rounds, measured after a warm-up:
+Generation (the real SmolLM2-135M-Instruct, 8 random-init P-Tuning v2 prompts of length 16, real
+chatterbot prompts in the chat template, greedy): an open-loop arrival (Poisson, `--rate`
+requests/s for `--gen-duration` s; the same arrivals for every mode) of requests spread over the
+8 prompts, each asking for 8..128 new tokens (uniform), streamed (`/v1/completions`,
+`stream: true`): time to first token (the first text chunk) and output tokens/s (every request's
+tokens over the time from the first arrival to the last answer) for
 
-  single     every request for one prompt                     ptv2 serve (mixed batches)
-  mixed      requests spread over 8 prompts                   ptv2 serve (mixed batches)
-  switching  the same 8-prompt traffic, one batch per prompt  ptv2 serve with batching="per-prompt":
-             in turn                                          what batching split by prompt (Ray
-                                                              Serve's multiplexing) gives
-  peft       (generation) the same traffic on PEFT prefix-tuning adapters (exported by
-             ptv2 export-peft), `set_adapter` then `generate` for each prompt's batch
+  continuous  ptv2 serve: rows of any prompt join and leave the running batch at every decode step
+  static      a batch runs until its longest row ends; newer requests wait (benchmarks.baselines)
+  switching   a batch holds one prompt's rows, prompts in turn, each batch run to its end: what
+              splitting batches by adapter gives (Ray Serve's multiplexing), every prompt loaded
 
-Two workloads: classification on the real MiniLM-L6 (the quickstart's setting: P-Tuning v2 length
-16 and a head, real Pang & Lee sentences) and generation on the real SmolLM2-135M-Instruct (length
-16, real chatterbot prompts in the chat template, 8 new tokens, greedy). The 8 prompts are
-random-init, not trained: throughput does not depend on their values.
+Classification (the real MiniLM-L6, 8 prompts with their heads, real Pang & Lee sentences):
+closed-loop clients (each sends its next request when its last is answered), single prompt vs
+mixed prompts vs per-prompt switching.
 """
 
-# No `from __future__ import annotations`: FastAPI reads the PEFT route's annotations at runtime.
 import argparse
-import asyncio
 import csv
 import json
 import os
@@ -33,74 +31,18 @@ import statistics
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
 import torch
-from baselines import PerPromptScheduler
-from fastapi import FastAPI
+from baselines import PerPromptScheduler, StaticScheduler
 from ray import serve
 
 from ptv2.scheduler import Scheduler
 
 LABELS = ["negative", "positive"]
 TEMPLATE = "User: {prompt}\nAssistant:"
-peft_app = FastAPI()
-
-
-# ---- the PEFT baseline ---------------------------------------------------------------------------------
-@serve.deployment
-@serve.ingress(peft_app)
-class PeftSwitching:
-    """PEFT prefix-tuning adapters on one model: each batch split by adapter, `set_adapter` then
-    `generate` per adapter (PEFT's prompt-learning methods cannot mix adapters in one batch)."""
-
-    def __init__(self, base: str, adapters: dict, threads: int, max_batch_size: int, wait_s: float) -> None:
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        torch.set_num_threads(threads)
-        names = list(adapters)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        self.model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0]).eval()
-        for name in names[1:]:
-            self.model.load_adapter(adapters[name], adapter_name=name)
-        self.tok = AutoTokenizer.from_pretrained(base)
-        self.tok.padding_side = "left"
-        self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
-        self.batches = self.rows = self.prompts = 0
-        self._batch.set_max_batch_size(max_batch_size)
-        self._batch.set_batch_wait_timeout_s(wait_s)
-
-    def _run(self, reqs: list) -> list:
-        out = [None] * len(reqs)
-        groups: dict = {}
-        for i, (name, _, _) in enumerate(reqs):
-            groups.setdefault(name, []).append(i)
-        self.batches, self.rows, self.prompts = self.batches + 1, self.rows + len(reqs), self.prompts + len(groups)
-        for name, idx in groups.items():
-            self.model.set_adapter(name)
-            enc = self.tok([TEMPLATE.replace("{prompt}", reqs[i][1]) for i in idx], return_tensors="pt", padding=True)
-            with torch.inference_mode():
-                new = self.model.generate(
-                    **enc, max_new_tokens=max(reqs[i][2] for i in idx), do_sample=False, pad_token_id=self.pad
-                )[:, enc["input_ids"].shape[1] :]
-            for i, text in zip(idx, self.tok.batch_decode(new, skip_special_tokens=True), strict=True):
-                out[i] = text
-        return out
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _batch(self, reqs: list) -> list:
-        return await asyncio.to_thread(self._run, reqs)
-
-    @peft_app.post("/v1/generate")
-    async def generate(self, body: dict) -> dict:
-        text = await self._batch((body["prompt"], body["input"], body["max_new_tokens"]))
-        return {"results": [{"output": text}]}
-
-    @peft_app.get("/v1/stats")
-    async def stats(self) -> dict:
-        return {"generate": {"batches": self.batches, "rows": self.rows, "prompts": self.prompts}}
 
 
 # ---- prompts and data ------------------------------------------------------------------------------------
@@ -183,8 +125,8 @@ def closed_loop(url: str, make, clients: int, warmup: float, duration: float) ->
     }
 
 
-def batch_stats(url: str, kind: str) -> dict:
-    return requests.get(url + "/v1/stats", timeout=30).json()[kind]
+def batch_stats(url: str) -> dict:
+    return requests.get(url + "/v1/stats", timeout=30).json()
 
 
 def _free_port() -> int:
@@ -205,117 +147,207 @@ def deploy(name: str, base: str, paths: list[Path], scheduler, args, cache: Path
         max_batch_size=args.batch,
         cache_dir=str(cache),
         refresh_s=0,
-        max_new_tokens=args.new_tokens,
+        max_new_tokens=args.max_new,
     )
     entries = startup_entries(None, [(f"p{i}", str(p)) for i, p in enumerate(paths)], cache)
     serve.run(build_app(options, entries, scheduler), name=name, route_prefix=f"/{name}")
     return f"http://127.0.0.1:{args.port}/{name}"
 
 
-def run_workload(task: str, args, tmp: Path) -> dict:
-    from ptv2.assets import minilm_path, smollm2_path
+def run_classification(args, tmp: Path) -> dict:
+    """Closed-loop classification: single prompt vs mixed prompts vs per-prompt switching."""
+    from ptv2.assets import minilm_path
 
-    n = args.prompts
+    n, task = args.prompts, "seq-cls"
     paths = make_prompts(tmp / "prompts", task, n, args.length)
-    base = str(minilm_path() if task == "seq-cls" else smollm2_path())
-    kind = "predict" if task == "seq-cls" else "generate"
-    clients = args.clients if task == "seq-cls" else args.gen_clients
-    warmup, duration = (args.warmup, args.duration) if task == "seq-cls" else (args.gen_warmup, args.gen_duration)
-    servers = {
-        "mixed": deploy(f"{task}-mixed", base, paths, Scheduler, args, tmp / "cache"),
-        "switching": deploy(f"{task}-switching", base, paths, PerPromptScheduler, args, tmp / "cache"),
+    base = str(minilm_path())
+    urls = {
+        "mixed": deploy("cls-mixed", base, paths, Scheduler, args, tmp / "cache"),
+        "switching": deploy("cls-switching", base, paths, PerPromptScheduler, args, tmp / "cache"),
     }
-    urls = {"single": servers["mixed"], "mixed": servers["mixed"], "switching": servers["switching"]}
-    if task == "causal-lm" and not args.no_peft:
-        from ptv2.peft_export import export_peft
-
-        adapters = {f"p{i}": str(export_peft(p, tmp / "peft" / f"p{i}")) for i, p in enumerate(paths)}
-        app = PeftSwitching.options(ray_actor_options={"num_cpus": args.threads}, max_ongoing_requests=8 * args.batch)
-        serve.run(
-            app.bind(base, adapters, args.threads, args.batch, args.wait_ms / 1000), name="peft", route_prefix="/peft"
-        )
-        urls["peft"] = f"http://127.0.0.1:{args.port}/peft"
-    texts = sentences() if task == "seq-cls" else chat_prompts()
+    urls = {"single": urls["mixed"], **urls}
+    texts = sentences()
 
     def traffic(mode: str):
         def make(k: int, i: int):
             prompt = "p0" if mode == "single" else f"p{(k + i) % n}"
-            text = texts[(k * 7919 + i) % len(texts)]
-            if task == "seq-cls":
-                return "/v1/predict", {"prompt": prompt, "input": text}
-            return "/v1/generate", {"prompt": prompt, "input": text, "max_new_tokens": args.new_tokens}
+            return "/v1/predict", {"prompt": prompt, "input": texts[(k * 7919 + i) % len(texts)]}
 
         return make
 
     results: dict[str, list] = {mode: [] for mode in urls}
     batches: dict[str, dict] = {mode: {"batches": 0, "rows": 0, "prompts": 0} for mode in urls}
     for r in range(args.rounds):
-        order = list(urls) if r % 2 == 0 else list(reversed(urls))  # interleaved, alternating order
-        for mode in order:
-            before = batch_stats(urls[mode], kind)
-            res = closed_loop(urls[mode], traffic(mode), clients, warmup, duration)
-            after = batch_stats(urls[mode], kind)
+        for mode in list(urls) if r % 2 == 0 else list(reversed(urls)):  # interleaved, alternating order
+            before = batch_stats(urls[mode])
+            res = closed_loop(urls[mode], traffic(mode), args.clients, args.warmup, args.duration)
+            after = batch_stats(urls[mode])
             for key in ("batches", "rows", "prompts"):
-                batches[mode][key] += after.get(key, 0) - before.get(key, 0)
+                batches[mode][key] += after[f"predict_{key}"] - before[f"predict_{key}"]
             results[mode].append(res)
             print(
-                f"[{task}] round {r + 1} {mode:<10} {res['requests_per_s']:7.2f} req/s  "
+                f"[classification] round {r + 1} {mode:<10} {res['requests_per_s']:7.2f} req/s  "
                 f"p50 {res['p50_ms'] or 0:7.0f} ms  p99 {res['p99_ms'] or 0:7.0f} ms",
                 flush=True,
             )
-    # the modes do the same work: the same request gets the same answer from each server
     sample = [traffic("mixed")(k, 0) for k in range(n)]
     answers = {
         mode: [requests.post(urls[mode] + path, json=body, timeout=600).json()["results"][0] for path, body in sample]
-        for mode in urls
-        if mode != "single"
+        for mode in ("mixed", "switching")
     }
-    agree = {mode: sum(a == b for a, b in zip(answers[mode], answers["mixed"], strict=True)) / n for mode in answers}
     modes = {}
     for mode, runs in results.items():
-        total = sum(x["requests"] for x in runs)
-        b = batches[mode]
-        answered = [x for x in runs if x["requests"]]
+        b, answered = batches[mode], [x for x in runs if x["requests"]]
         modes[mode] = {
-            "requests_per_s": total / (duration * len(runs)),
+            "requests_per_s": sum(x["requests"] for x in runs) / (args.duration * len(runs)),
             "p50_ms": statistics.median(x["p50_ms"] for x in answered) if answered else None,
             "p99_ms": max(x["p99_ms"] for x in answered) if answered else None,
-            "requests": total,
             "rows_per_batch": b["rows"] / max(b["batches"], 1),
             "prompts_per_batch": b["prompts"] / max(b["batches"], 1),
             "per_round_requests_per_s": [x["requests_per_s"] for x in runs],
         }
-    out = {
-        "clients": clients,
-        "answers_equal_to_mixed": {mode: agree[mode] for mode in agree if mode != "mixed"},
+    for name in ("cls-mixed", "cls-switching"):
+        serve.delete(name)  # the next workload gets the CPUs to itself
+    return {
+        "clients": args.clients,
+        "answers_equal_to_mixed": sum(a == b for a, b in zip(answers["switching"], answers["mixed"], strict=True)) / n,
         "modes": modes,
         "mixed_over_single_throughput": modes["mixed"]["requests_per_s"] / modes["single"]["requests_per_s"],
         "mixed_over_switching_throughput": modes["mixed"]["requests_per_s"] / modes["switching"]["requests_per_s"],
     }
-    if "peft" in modes:
-        out["mixed_over_peft_throughput"] = modes["mixed"]["requests_per_s"] / modes["peft"]["requests_per_s"]
-    for name in (f"{task}-mixed", f"{task}-switching", *(["peft"] if "peft" in urls else [])):
-        serve.delete(name)  # the next workload gets the CPUs to itself
-    return out
+
+
+def arrivals(args, n_prompts: int, texts: list[str]) -> list[tuple[float, str, str, int]]:
+    """(seconds after the start, prompt, text, max_tokens) of an open-loop Poisson arrival."""
+    rng, t, out = random.Random(args.seed), 0.0, []
+    while True:
+        t += rng.expovariate(args.rate)
+        if t > args.gen_duration:
+            return out
+        out.append((t, f"p{rng.randrange(n_prompts)}", rng.choice(texts), rng.randint(args.min_new, args.max_new)))
+
+
+def open_loop(url: str, plan: list[tuple[float, str, str, int]]) -> dict:
+    """Send every request of `plan` at its arrival time, streamed; time to the first text chunk,
+    completion tokens (the usage chunk) and the end of each."""
+    start = time.monotonic() + 1.0
+    sessions = threading.local()
+
+    def one(item):
+        at, prompt, text, max_tokens = item
+        time.sleep(max(0.0, start + at - time.monotonic()))
+        session = getattr(sessions, "s", None) or requests.Session()
+        sessions.s = session
+        body = {"model": prompt, "prompt": text, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+        body["stream_options"] = {"include_usage": True}
+        t0, first, tokens = time.monotonic(), None, None
+        with session.post(url + "/v1/completions", json=body, stream=True, timeout=1200) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"{r.status_code} {r.text[:300]}")
+            for line in r.iter_lines():
+                if not line.startswith(b"data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(chunk["error"]["message"])
+                if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                    first = time.monotonic()
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+        end = time.monotonic()
+        return {"ttft": (first or end) - t0, "tokens": tokens or 0, "end": end, "latency": end - t0}
+
+    with ThreadPoolExecutor(max_workers=len(plan)) as pool:
+        done = list(pool.map(one, plan))
+    span = max(d["end"] for d in done) - (start + plan[0][0])
+    ttft = sorted(d["ttft"] for d in done)
+    q = statistics.quantiles(ttft, n=100)
+    return {
+        "requests": len(done),
+        "output_tokens": sum(d["tokens"] for d in done),
+        "tokens_per_s": sum(d["tokens"] for d in done) / span,
+        "requests_per_s": len(done) / span,
+        "ttft_p50_s": statistics.median(ttft),
+        "ttft_p99_s": q[98],
+        "latency_p50_s": statistics.median(d["latency"] for d in done),
+        "makespan_s": span,
+    }
+
+
+def run_generation(args, tmp: Path) -> dict:
+    """Open-loop generation: continuous vs static batching vs per-prompt switching."""
+    from ptv2.assets import smollm2_path
+
+    paths = make_prompts(tmp / "prompts", "causal-lm", args.prompts, args.length)
+    base = str(smollm2_path())
+    schedulers = {"continuous": Scheduler, "static": StaticScheduler, "switching": PerPromptScheduler}
+    urls = {mode: deploy(f"gen-{mode}", base, paths, cls, args, tmp / "cache") for mode, cls in schedulers.items()}
+    plan = arrivals(args, args.prompts, chat_prompts())
+    print(f"[generation] {len(plan)} requests over {args.gen_duration:.0f} s ({args.rate}/s)", flush=True)
+    results: dict[str, list] = {mode: [] for mode in urls}
+    occupancy: dict[str, list] = {mode: [0, 0] for mode in urls}
+    for r in range(args.rounds):
+        for mode in list(urls) if r % 2 == 0 else list(reversed(urls)):
+            before = batch_stats(urls[mode])
+            res = open_loop(urls[mode], plan)
+            after = batch_stats(urls[mode])
+            occupancy[mode][0] += after["decode_rows"] - before["decode_rows"]
+            occupancy[mode][1] += after["decode_steps"] - before["decode_steps"]
+            results[mode].append(res)
+            print(
+                f"[generation] round {r + 1} {mode:<10} {res['tokens_per_s']:7.1f} tokens/s  "
+                f"ttft p50 {res['ttft_p50_s']:6.2f} s  p99 {res['ttft_p99_s']:6.2f} s  "
+                f"({res['output_tokens']} tokens, {res['makespan_s']:.0f} s)",
+                flush=True,
+            )
+    # the same request gets the same answer (greedy) from each mode
+    sample = [{"model": p, "prompt": t, "max_tokens": n, "temperature": 0} for _, p, t, n in plan[: args.prompts]]
+    answers = {
+        mode: [requests.post(url + "/v1/completions", json=b, timeout=600).json()["choices"][0]["text"] for b in sample]
+        for mode, url in urls.items()
+    }
+    modes = {}
+    for mode, runs in results.items():
+        modes[mode] = {
+            "tokens_per_s": statistics.median(x["tokens_per_s"] for x in runs),
+            "requests_per_s": statistics.median(x["requests_per_s"] for x in runs),
+            "ttft_p50_s": statistics.median(x["ttft_p50_s"] for x in runs),
+            "ttft_p99_s": statistics.median(x["ttft_p99_s"] for x in runs),
+            "rows_per_decode_step": occupancy[mode][0] / max(occupancy[mode][1], 1),
+            "rounds": runs,
+        }
+    for mode in urls:
+        serve.delete(f"gen-{mode}")
+    c, st, sw = modes["continuous"], modes["static"], modes["switching"]
+    return {
+        "requests": len(plan),
+        "answers_equal_to_continuous": {
+            m: sum(a == b for a, b in zip(answers[m], answers["continuous"], strict=True)) / len(sample)
+            for m in ("static", "switching")
+        },
+        "modes": modes,
+        "continuous_over_static_tokens_per_s": c["tokens_per_s"] / st["tokens_per_s"],
+        "mixed_over_switching_throughput": c["tokens_per_s"] / sw["tokens_per_s"],
+        "p99_ttft_continuous_over_static": c["ttft_p99_s"] / st["ttft_p99_s"],
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", default="seq-cls,causal-lm", help="workloads, comma-separated")
+    p.add_argument("--tasks", default="generation,classification", help="workloads, comma-separated")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--length", type=int, default=16, help="prompt length (positions)")
-    p.add_argument("--clients", type=int, default=16, help="closed-loop clients, classification")
-    p.add_argument("--gen-clients", type=int, default=16, help="closed-loop clients, generation")
-    p.add_argument("--batch", type=int, default=16, help="max batch size")
-    p.add_argument("--wait-ms", type=float, default=5.0, help="batch wait")
-    p.add_argument("--new-tokens", type=int, default=8, help="tokens generated per request (greedy)")
-    p.add_argument("--gen-warmup", type=float, default=5.0)
-    p.add_argument("--gen-duration", type=float, default=25.0, help="measured seconds per mode per round, generation")
+    p.add_argument("--batch", type=int, default=16, help="max batch size (rows per forward, rows decoding)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (and Ray CPUs) per replica")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rate", type=float, default=1.5, help="generation: arrivals per second (Poisson)")
+    p.add_argument("--gen-duration", type=float, default=60.0, help="generation: seconds of arrivals per mode")
+    p.add_argument("--min-new", type=int, default=8)
+    p.add_argument("--max-new", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clients", type=int, default=16, help="classification: closed-loop clients")
     p.add_argument("--warmup", type=float, default=3.0)
-    p.add_argument("--duration", type=float, default=12.0, help="measured seconds per mode per round, classification")
-    p.add_argument("--no-peft", action="store_true")
+    p.add_argument("--duration", type=float, default=12.0, help="classification: measured seconds per mode per round")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
@@ -334,16 +366,16 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="ptv2-serve-bench-") as tmp:
             for task in args.tasks.split(","):
-                key = {"seq-cls": "classification", "causal-lm": "generation"}[task]
-                report[key] = run_workload(task, args, Path(tmp) / task)
+                run = {"generation": run_generation, "classification": run_classification}[task]
+                report[task] = run(args, Path(tmp) / task)
     finally:
         serve.shutdown()
         ray.shutdown()
-    parts = [report[k] for k in ("classification", "generation") if k in report]
-    report["mixed_over_single_throughput"] = min(x["mixed_over_single_throughput"] for x in parts)
-    report["mixed_over_switching_throughput"] = min(x["mixed_over_switching_throughput"] for x in parts)
     report["load_average_at_end"] = os.getloadavg()
-    print(json.dumps({k: v for k, v in report.items() if k.startswith("mixed_over")}, indent=2))
+    keys = ("continuous_over_static_tokens_per_s", "mixed_over_switching_throughput", "p99_ttft_continuous_over_static")
+    if "generation" in report:
+        report.update({k: report["generation"][k] for k in keys})
+    print(json.dumps({k: v for k, v in report.items() if k in keys}, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 

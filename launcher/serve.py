@@ -1,6 +1,7 @@
 """`ptv2 serve`: many prompts on one frozen model, behind Ray Serve.
 
-    HTTP (Serve's proxy; 127.0.0.1 unless told otherwise; optional bearer token)
+    HTTP (Serve's proxy; 127.0.0.1 unless told otherwise; bearer tokens, each a tenant's:
+          launcher/serve_access.py)
       └─ PromptServer replicas (FastAPI ingress): one frozen base + a PromptBank each, and one
          model thread (`ptv2.scheduler`) that batches every request's rows, whatever their
          prompts, into ONE forward: predictions per turn, generations by continuous batching.
@@ -16,9 +17,11 @@ verified on the replica that finds it before the catalog (and so every replica) 
 
 API (JSON; every error is {"error": {"message", "type", "code"}} with a 4xx for the caller's
 mistakes): GET /health, GET /v1/prompts, POST /v1/prompts, DELETE /v1/prompts/NAME, POST
-/v1/prompts/refresh, POST /v1/predict, POST /v1/generate, POST /v1/completions (OpenAI; `model`
-names the prompt), GET /v1/models, GET /v1/stats. The request bodies and JSON errors are in
-launcher/serve_api.py, the prompt sources and the replica's bank in launcher/serve_sources.py.
+/v1/prompts/refresh, POST /v1/predict, POST /v1/generate, POST /v1/completions and
+/v1/chat/completions (OpenAI's; `model` names the prompt; `stream` gives Server-Sent Events),
+GET /v1/models, GET /v1/stats. The request bodies and JSON errors are in launcher/serve_api.py,
+OpenAI's response shapes in launcher/serve_openai.py, the prompt sources and the replica's bank in
+launcher/serve_sources.py, the replicas' metrics in launcher/serve_metrics.py.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route methods' annotations
