@@ -26,7 +26,7 @@ from pathlib import Path
 import typer
 from pydantic import ValidationError
 
-from launcher import cli_prompts, jobs_client
+from launcher import cli_prompts, evaluation, jobs_client
 from launcher.cli_prompts import UriOpt, call_or_fail, fail, print_table
 from launcher.prompts import runs_table
 from launcher.runner import JobFailed, JobStopped, run_spec, worker_env
@@ -106,8 +106,6 @@ def eval_prompt(
     """Score a saved prompt on a labelled data file with its task's metrics, laid out as in
     training; recorded in MLflow as an evaluation of that prompt (nested under its training run,
     tagged on a registered version) and printed as a table."""
-    from launcher import evaluation
-
     try:
         columns = evaluation.parse_columns(column or [])
     except ValueError as e:

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from pydantic import ValidationError
 
-from launcher import prompts, serve_sources
+from launcher import prompts, serve_access, serve_sources
 from ptv2 import tracking
 from ptv2.errors import first_line
 from ptv2.tracking import TrackingError
@@ -222,8 +222,6 @@ def serve(
         if not sep or not name or not source:
             fail(f"--prompt {item!r}: expected NAME=SOURCE")
         pairs.append((name, source))
-    from launcher import serve_access
-
     token = os.environ.get("PTV2_SERVE_TOKEN")
     try:
         tenants = serve_access.read_token_file(token_file) if token_file is not None else None

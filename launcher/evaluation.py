@@ -78,6 +78,7 @@ def evaluate_prompt(
     """Score the prompt `source` on `data` (a path or storage URI) and record the evaluation.
     Columns default to those the training spec named (for a run or registered source), else
     data's defaults; `model_path` replaces the base model path of the manifest."""
+    # torch and transformers, only when a prompt is scored: the command line imports this module
     import torch
     from transformers import AutoTokenizer
 

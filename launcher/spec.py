@@ -279,18 +279,14 @@ def check_data(spec: JobSpec) -> None:
                 raise SpecError(f"data.{field}: {value} does not exist")
         except storage.StorageError as e:
             raise SpecError(f"data.{field}: {e}") from e
-    if spec.model.task == "causal-lm":
+    from ptv2.tasks import task_of  # torch, transformers: only when the files are checked
+
+    task = task_of(spec.model.task)
+    if not task.labelled:
         return
     known = set(spec.model.labels or [])
-    column = d.label_column if spec.model.task == "seq-cls" else d.tags_column
     for value in filter(None, (d.train_file, d.validation_file, d.test_file)):
-        seen = _column_values(value, d.format, column)
-        found = (
-            {str(v) for v in seen if v is not None}
-            if spec.model.task == "seq-cls"
-            else {str(t) for row in seen if row for t in row}
-        )
-        unknown = sorted(found - known)
+        unknown = sorted(task.label_names(_column_values(value, d.format, task.target_column(d))) - known)
         if unknown:
             raise SpecError(
                 f"model.labels: {value} uses label(s) {', '.join(unknown[:5])} not in model.labels {sorted(known)}"

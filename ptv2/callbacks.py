@@ -96,7 +96,7 @@ class MlflowCallback(Callback):
     def on_data(self, rank, reports):
         """Each split as an MLflow dataset input (the UI's "datasets used"), digest the file's
         sha256, context the split; the whole report as data_report.json and .txt."""
-        from ptv2.data import read_table
+        from ptv2.data import read_table  # torch, pyarrow: the driver imports this module without them
         from ptv2.report import format_report
 
         if rank != 0:

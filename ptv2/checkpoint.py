@@ -2,7 +2,7 @@
 
     STORAGE/<job>/checkpoints/step-00000040/
         ds/…                      DeepSpeed's files of every rank (trainable params, optimizer, scheduler)
-        state.json                step, data position, best metric (rank 0)
+        state.json                step, best metric, early stopping's counter (rank 0; `RunState`)
         rng-rank<r>.safetensors   each rank's RNG states, as tensors (no pickle to load)
         COMPLETE-rank<r>.json     sha256 of each file rank r wrote, uploaded after them
 

@@ -50,7 +50,7 @@ def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]
     """Remove torch extension build locks older than `max_age_s`. torch takes a lock file while
     it JIT-builds an op (DeepSpeed's on first use) and waits, forever, for anyone's lock to go: a
     process killed mid-build (out of memory, a lost node) would hang every later job on the node."""
-    root = _extension_root()
+    root = extension_root()
     removed = []
     for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:  # <root>[/<python_accelerator>]/<op>/lock
         with contextlib.suppress(FileNotFoundError):
@@ -61,7 +61,7 @@ def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]
     return removed
 
 
-def _extension_root() -> Path:
+def extension_root() -> Path:
     from torch.utils.cpp_extension import get_default_build_root
 
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
@@ -78,7 +78,7 @@ def build_cpu_comm_op() -> None:
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return  # DeepSpeed then runs without it, as its own init_distributed does
-    if not any(_extension_root().glob(f"**/{builder.NAME}/*.so")):
+    if not any(extension_root().glob(f"**/{builder.NAME}/*.so")):
         logging.getLogger("ptv2").info("building DeepSpeed's %s op (once per node, about a minute)", builder.NAME)
     clear_stale_build_locks()
     out = io.StringIO()

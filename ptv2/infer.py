@@ -15,6 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from ptv2.data import collator, ensure_pad_token, load_examples
+from ptv2.evaluate import evaluate
+from ptv2.settings import DataSettings
+
 ENCODED = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -134,10 +138,6 @@ def score(
     its rows encoded as in training: the prompt's stored template and max_length. `columns`: the
     column settings of data (`text_column`, `label_column`, `prompt_column`, ...); bad rows are
     refused, each named, as training refuses them. `model`: a PromptedModel."""
-    from ptv2.data import collator, ensure_pad_token, load_examples
-    from ptv2.evaluate import evaluate
-    from ptv2.settings import DataSettings
-
     task = model.task
     stored = {"max_length": model.max_length} if model.max_length else {}
     if model.prompt_template:

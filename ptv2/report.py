@@ -163,8 +163,8 @@ def _warnings(r: SplitReport, data, task, labels) -> list[str]:
     for other, n in r.shared.items():
         if n:
             out.append(f"{n} input(s) also in {other}: {r.split} metrics on them overstate what the prompt learnt")
-    if r.labels is not None and r.split == "train" and labels:
-        absent = [name for name in labels if name not in r.labels and task.name == "seq-cls"]
+    if r.labels is not None and r.split == "train" and labels and task.every_label_seen:
+        absent = [name for name in labels if name not in r.labels]
         if absent:
             out.append(f"label(s) {', '.join(absent)} never occur in the training data")
     return out

@@ -43,18 +43,8 @@ PARENT, RUN_NAME = "mlflow.parentRunId", "mlflow.runName"
 EXPERIMENT_KIND = ("mlflow.experimentKind", "finetuning")
 TRAINING_VIEW = "workflowType=machine_learning"
 # what the worker's info tags on the run at the start (plus every auto_* value)
-INFO_TAGS = (
-    "steps",
-    "base_weights_sha256",
-    "trainable_params",
-    "trainable_share_pct",
-    "zero_stage",
-    "dtype",
-    "device",
-    "deepspeed_config",
-    "gradient_checkpointing",
-    "trainable",
-)
+INFO_TAGS = ("steps", "base_weights_sha256", "trainable_params", "trainable_share_pct", "zero_stage", "dtype")
+INFO_TAGS += ("device", "deepspeed_config", "gradient_checkpointing", "trainable")
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
 
@@ -366,6 +356,9 @@ class Tracker:
             dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest[:32])
         tags = [InputTag(key="mlflow.data.context", value=context)]
         self.client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
+
+    def log_file(self, run_id: str, path, folder: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), folder)
 
     def log_text(self, run_id: str, text: str, path: str) -> None:
         self.client.log_text(run_id, text, path)

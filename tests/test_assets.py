@@ -41,7 +41,7 @@ def test_smollm2_is_converted_beside_the_cache_folder(tmp_path, monkeypatch, mkd
     package = tmp_path / "pkg"
     package.mkdir()
     (package / "smollm2.gguf").write_bytes(b"")
-    monkeypatch.setattr(assets, "_package_dir", lambda module: package)
+    monkeypatch.setattr(assets, "package_dir", lambda module: package)
 
     class Fake:  # the GGUF tokenizer and models (the real conversion takes ~30 s)
         def __init__(self, *files):

@@ -512,10 +512,10 @@ def test_the_set_ups_op_build_is_reused_whichever_ninja_comes_first_on_path():
     import subprocess
     import sys
 
-    from ptv2.distributed import _extension_root, build_cpu_comm_op
+    from ptv2.distributed import build_cpu_comm_op, extension_root
 
     build_cpu_comm_op()  # built here with the environment's ninja (a no-op after `make setup`)
-    folder = next(p.parent for p in _extension_root().glob("**/deepspeed_shm_comm/*.so"))
+    folder = next(p.parent for p in extension_root().glob("**/deepspeed_shm_comm/*.so"))
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file()}
     env = {**os.environ, "PATH": "/usr/local/bin:/usr/bin:/bin"}
     code = "from ptv2.distributed import build_cpu_comm_op; build_cpu_comm_op()"

@@ -129,3 +129,27 @@ def test_a_bad_row_fails_fast_without_retries(tmp_path, home, capfd):
     assert out.out.count("[ptv2] rank 0 on node") == 1  # Ray never restarted the group
     _, [run] = _runs(home)
     assert run.info.status == "FAILED" and "row 65: missing response" in run.data.tags["ptv2.error"]
+
+
+def test_a_lora_baseline_trains_through_the_service_extension_point(tmp_path, home):
+    """benchmarks/baselines.Lora plugs into `run_spec` (ptv2.trainee.Trainable): the same loop
+    trains exactly PEFT's LoRA values, the run records them, and no prompt artifact is written."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from benchmarks.baselines import Lora
+    from launcher.runner import run_spec
+    from launcher.spec import load_spec
+    from tests.tiny import tiny_model
+
+    spec = load_spec(write_spec(tmp_path, prompt={"length": 0}, train={"max_steps": 12, "lr": 1e-2, "eval_every": 6}))
+    summary = run_spec(spec, "", trainable=Lora(r=2))
+    client, [run] = _runs(home)
+    assert run.info.status == "FINISHED" and run.info.run_id == summary.run_id
+    reference = tiny_model("llama", "causal-lm", None)
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), reference)
+    expected = sum(p.numel() for n, p in reference.named_parameters() if "lora_" in n)
+    assert run.data.tags["ptv2.trainable"] == "lora r=2"
+    assert int(run.data.tags["ptv2.trainable_params"]) == expected > 0
+    losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
+    assert len(losses) == 12 and min(losses[-3:]) < losses[0], losses
+    assert not client.list_artifacts(run.info.run_id, "prompt")  # the base changed: not a prompt

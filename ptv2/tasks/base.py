@@ -24,6 +24,7 @@ class Task:
     name: str
     auto_class_name: str  # transformers' Auto class that builds a model for the task
     labelled = True  # needs label names (classes, tags)
+    every_label_seen = False  # every label should occur in the training data (classes yes; BIO tags may not)
     generates = False  # continues text (generate, completions) with an LM head over the vocabulary
     peft_task_type: str | None = None  # PEFT's task type of an exported prefix (None: not exportable)
     packs = False  # training examples can be packed into rows (`ptv2.packing`)
@@ -71,6 +72,11 @@ class Task:
     def target_column(self, data) -> str:
         """The column the loss is on (response, label or tags); the others are the input."""
         raise NotImplementedError
+
+    def label_names(self, values) -> set[str]:
+        """The label names that a target column's values (one per row) use; none for a task
+        without labels."""
+        return set()
 
     def encode(self, batch: dict, data, labels: list[str], tokenizer) -> dict:
         """A batch of rows (column -> values) as token ids and labels, with "_error" (empty for

@@ -25,6 +25,7 @@ from ptv2.tasks.base import (
 class SequenceClassification(Task):
     name = "seq-cls"
     auto_class_name = "AutoModelForSequenceClassification"
+    every_label_seen = True
     primary = ("accuracy", "max")
     metrics = {"loss": "min", "accuracy": "max", "macro_f1": "max"}
 
@@ -33,6 +34,9 @@ class SequenceClassification(Task):
 
     def target_column(self, data) -> str:
         return data.label_column
+
+    def label_names(self, values) -> set[str]:
+        return {str(v) for v in values if v is not None}
 
     def encode(self, batch: dict, data, labels, tokenizer) -> dict:
         known = set(labels)

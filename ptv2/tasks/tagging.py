@@ -53,6 +53,9 @@ class TokenClassification(Task):
     def target_column(self, data) -> str:
         return data.tags_column
 
+    def label_names(self, values) -> set[str]:
+        return {str(tag) for row in values if row for tag in row}
+
     def encode(self, batch: dict, data, labels, tokenizer) -> dict:
         known = set(labels)
         words, tags = batch[data.tokens_column], batch[data.tags_column]
