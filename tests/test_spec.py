@@ -391,3 +391,41 @@ def test_inspect_says_when_the_template_truncates_every_response(folder):
     assert "truncated 100.0% of examples" in result.output
     assert "warning: every example is longer than data.max_length 24" in result.output
     assert "warning: truncation cuts" in result.output and "shorten data.prompt_template" in result.output
+
+
+@pytest.mark.parametrize("job_id", ["../x", "a/../b", "a/b", "x y", "x;rm -rf ~", "x'or'1'='1", "", "-x", "x" * 129])
+def test_job_ids_that_could_leave_their_folder_or_break_a_filter_are_refused(job_id, tmp_path):
+    """A job id names a storage folder, a Ray job and an MLflow filter value: anything beyond
+    letters, digits, '.', '_' and '-' (or a '..') is refused before any of them is touched, and
+    the MLflow search refuses it too rather than interpolating it."""
+    from launcher.spec import SpecError, check_job_id, new_job_id
+    from ptv2.tracking import Tracker
+
+    with pytest.raises(SpecError, match="job id .* is not valid"):
+        check_job_id(job_id)
+    assert check_job_id(new_job_id("tiny")).startswith("tiny-")
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker.experiment_id("ptv2", create=True)
+    if job_id and not set(job_id) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"):
+        with pytest.raises(ValueError, match="is not an id"):
+            tracker.find_job_run("ptv2", job_id)
+
+
+def test_a_cluster_eval_passes_hostile_arguments_as_single_arguments(tmp_path):
+    """Ray runs a job's entrypoint through a shell: a prompt URI or option with shell characters
+    must reach `ptv2 eval` as one argument each, never as shell syntax."""
+    import shlex
+
+    from launcher.jobs_client import JobsClient
+
+    class Api:
+        def submit_job(self, entrypoint, **kwargs):
+            self.entrypoint = entrypoint
+            return "eval-1"
+
+    client = JobsClient.__new__(JobsClient)  # no cluster: the Jobs API is the recorder above
+    client.address, client.api = "http://127.0.0.1:8265", Api()
+    prompt, uri = "models:/p$(touch x)/1", "s3://bucket/a b;rm -rf ~.jsonl"
+    args = ["--tracking-uri", "http://mlflow:5000/`id`"]
+    assert client.submit_eval(args, uri, prompt, {}) == "eval-1"
+    assert shlex.split(client.api.entrypoint) == ["python", "-m", "launcher.cli", "eval", prompt, "--data", uri, *args]
