@@ -1,19 +1,23 @@
-"""Quality benchmark: does a deep prompt match fine-tuning on real models and real data?
+"""Quality benchmark: a deep prompt against LoRA, full fine-tuning, Lester prompts and a linear
+probe, on real models and real data, over 3 seeds.
 
-Every training run goes through the service path: classification as one `ptv2 sweep` per method
-(Ray Tune, each trial a ptv2 job with 2 DeepSpeed workers, ASHA), generation through `ptv2 run`
--> MLflow; the results are read back from MLflow (test metrics, trainable parameter counts, wall
-time), and the generation scores from the prompts fetched out of MLflow.
+Every training run goes through the service: `ptv2 sweep` over `train.seed` (each trial a ptv2
+job with 2 DeepSpeed workers, recorded in MLflow; ASHA off), the results read back from MLflow
+(dev and test metrics, trainable parameter counts, wall time). What trains besides the task head
+is the spec's prompt, or a baseline plugged in through the service's extension point
+(`ptv2.trainee.Trainable`, benchmarks/baselines.py): full fine-tuning and PEFT's LoRA.
 
-    python benchmarks/quality.py            # polarity sweeps (~66 min on 2 cores), uncertainty (~50 min),
-                                            # SmolLM2 + its ablation (~35 min); writes quality.json/.png
-    python benchmarks/quality.py --only polarity   # a part (results accumulate in quality.json)
-    python benchmarks/quality.py --only uncertainty --methods linear-probe   # one method's sweep again
+Each method runs at its learning rate chosen on dev by the one-seed sweeps recorded before
+(QUALITY.md); a method without one (the LoRA rows, and every method on a task never swept) is
+first swept over 3 learning rates at seed 0, the best on dev kept, then run at seeds 1 and 2.
+
+    python benchmarks/quality.py                   # every task and method (results kept as each run ends)
+    python benchmarks/quality.py --only polarity --methods lora-r8   # a part; the rest of quality.json is kept
     python benchmarks/quality.py --report          # the Markdown tables of quality.json
-    python benchmarks/quality.py --quick    # ~4.5 min on 2 cores: P-Tuning v2 must beat the linear probe
+    python benchmarks/quality.py --quick           # ~4.5 min on 2 cores: P-Tuning v2 must beat the linear probe
 
-Methods: ptv2 (deep prefix + head), ptv2-mlp (THUDM's MLP reparameterization), prompt-tuning
-(Lester: input embeddings + head), full fine-tuning (every weight), linear probe (head only).
+Tasks: polarity and uncertainty (MiniLM-L6, accuracy), WNUT-16 NER (MiniLM-L6, entity F1,
+seqeval), SmolLM2-135M chatterbot replies (loss on the reply tokens; the splits share no prompt).
 """
 
 from __future__ import annotations
@@ -25,16 +29,84 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines import FullFineTuning  # noqa: E402
+from baselines import FullFineTuning, Lora  # noqa: E402
 from quality_report import plot, report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PTV2 = Path(sys.executable).parent / "ptv2"
+PROMPT_STEPS, WEIGHT_STEPS = 300, 150  # prompts train for more steps than weights (THUDM's recipes)
+SEEDS = (0, 1, 2)
+LR_SWEEP = {"lora": [3e-4, 1e-3, 3e-3], "full-ft": [2e-5, 5e-5, 1e-4], "prompt": [1e-2, 2e-2, 4e-2]}
+
+
+@dataclass
+class Method:
+    settings: dict  # merged into the spec
+    steps: int
+    lrs: dict[str, float]  # task -> the learning rate chosen on dev by an earlier sweep
+    sweep: list[float]  # learning rates tried at seed 0 on a task without one
+    trainable: Callable | None = None  # a baselines.Trainable factory (None: the spec's prompt)
+
+
+def _lora(r: int) -> Callable:
+    return lambda: Lora(r=r)
+
+
+# The one-seed sweeps recorded in quality.json (2026-11-28, chosen on dev accuracy): polarity and
+# uncertainty; the WNUT-16 and SmolLM2 rates of the earlier single runs. LoRA: PEFT's LoraConfig on
+# the attention projections (BERT: query/key/value; Llama: q/k/v/o). r=8, and the rank with about
+# ptv2's trained parameters: MiniLM r=6 (82,944 LoRA values + head against ptv2's 74,498), SmolLM2
+# r=2 (241,920 against ptv2's 184,320): ptv2 trains fewer than either.
+METHODS = {
+    "ptv2": Method(
+        {"prompt": {"method": "ptv2", "length": 16}},
+        PROMPT_STEPS,
+        {"polarity": 2e-2, "uncertainty": 4e-2, "wnut16": 3e-2},
+        LR_SWEEP["prompt"],
+    ),
+    "prompt-tuning": Method(
+        {"prompt": {"method": "prompt-tuning", "length": 16}},
+        PROMPT_STEPS,
+        {"polarity": 1e-2, "uncertainty": 1e-2, "wnut16": 1e-2},  # WNUT-16: the rate both sentence tasks chose
+        [1e-2, 3e-2, 1e-1],
+    ),
+    "lora-r8": Method({"prompt": {"length": 0}}, PROMPT_STEPS, {}, LR_SWEEP["lora"], _lora(8)),
+    "lora-matched": Method({"prompt": {"length": 0}}, PROMPT_STEPS, {}, LR_SWEEP["lora"], None),  # rank per model
+    "full-ft": Method(
+        {"prompt": {"length": 0}},
+        WEIGHT_STEPS,
+        {"polarity": 5e-5, "uncertainty": 1e-4, "wnut16": 5e-5},
+        LR_SWEEP["full-ft"],
+        FullFineTuning,
+    ),
+    "linear-probe": Method(
+        {"prompt": {"length": 0}}, WEIGHT_STEPS, {"polarity": 1e-1, "uncertainty": 3e-2}, [1e-2, 3e-2, 1e-1]
+    ),
+}
+MATCHED_RANK = {"minilm": 6, "smollm2-135m": 2}
+QUICK = {"ptv2": 2e-2, "linear-probe": 3e-2}  # --quick: one run each, 120 steps
+
+
+@dataclass
+class Task:
+    name: str  # the data folder
+    model: str  # under data/models
+    kind: str  # the spec's model.task
+    labels: list[str] | None
+    metric: str  # the primary metric (higher is better unless `lower`)
+    max_length: int
+    micro_batch: int
+    lower: bool = False
+    methods: tuple[str, ...] = tuple(METHODS)
+
+
 NER_TAGS = ["O"] + [
     f"{p}-{t}"
     for t in (
@@ -51,26 +123,27 @@ NER_TAGS = ["O"] + [
     )
     for p in ("B", "I")
 ]
-# Every method gets the same search (3 learning rates, a grid, chosen on dev) with the same ASHA
-# settings; prompts get twice the steps of the weight-training methods, as THUDM trains prompts
-# for many more epochs than fine-tuning (its scripts: 40-100 epochs against 3-10).
-PROMPT_STEPS, WEIGHT_STEPS = 300, 150
-EVALUATIONS = 4  # per trial; ASHA may stop a trial after the first 2 (grace period)
-METHODS = {  # name -> (settings, steps, learning rates tried)
-    "ptv2": ({"prompt": {"method": "ptv2", "length": 16}}, PROMPT_STEPS, [1e-2, 2e-2, 4e-2]),
-    "prompt-tuning": ({"prompt": {"method": "prompt-tuning", "length": 16}}, PROMPT_STEPS, [1e-2, 3e-2, 1e-1]),
-    "full-ft": ({"prompt": {"length": 0}}, WEIGHT_STEPS, [2e-5, 5e-5, 1e-4]),  # + FullFineTuning (TRAINABLES)
-    "linear-probe": ({"prompt": {"length": 0}}, WEIGHT_STEPS, [1e-2, 3e-2, 1e-1]),
-    # THUDM's reparameterization: an Adam step moves each MLP output by up to ~512·|tanh|·lr (a plain
-    # table's by lr), so it needs a far lower prompt lr (1e-3..5e-3 collapsed to chance) while the
-    # task head keeps a probe's lr (train.head_lr)
-    "ptv2-mlp": (
-        {"prompt": {"method": "ptv2", "length": 16, "projection": 512}, "train": {"head_lr": 3e-2}},
-        PROMPT_STEPS,
-        [5e-5, 1e-4, 3e-4],
+TASKS = {
+    "polarity": Task("polarity", "minilm", "seq-cls", ["negative", "positive"], "accuracy", 64, 16),
+    "uncertainty": Task("uncertainty", "minilm", "seq-cls", ["certain", "uncertain"], "accuracy", 64, 16),
+    "wnut16": Task("wnut16", "minilm", "token-cls", NER_TAGS, "entity_f1", 96, 16),
+    "smollm2": Task(
+        "chat",
+        "smollm2-135m",
+        "causal-lm",
+        None,
+        "loss",
+        64,
+        8,
+        lower=True,
+        methods=("ptv2", "prompt-tuning", "lora-r8", "lora-matched", "full-ft"),
     ),
 }
-QUICK = {"ptv2": 2e-2, "linear-probe": 3e-2}  # --quick: one run each, 120 steps
+# SmolLM2: the rates of the earlier runs (ptv2 from the ablation of its init, QUALITY.md), 120 steps;
+# full fine-tuning at a common rate for a 135M decoder, not swept (a run costs ~6 min here)
+GENERATION = {"steps": 120, "lrs": {"ptv2": 1e-2, "prompt-tuning": 3e-2, "full-ft": 5e-5}, "ptv2_init": "text"}
+# in this order, method by method over the tasks: the comparisons users ask first complete first
+ORDER = ("ptv2", "lora-matched", "full-ft", "lora-r8", "prompt-tuning", "linear-probe")
 
 
 def merge(a: dict, b: dict) -> dict:
@@ -123,13 +196,10 @@ def base_spec(
 
 # Methods that train something else than the spec's prompt: plugged in through the service's
 # extension point (ptv2.trainee.Trainable), run in this process through the same run/sweep code.
-TRAINABLES = {"full-ft": FullFineTuning}
-
-
 def service(command: str, spec: dict, workdir: Path, answer: str, trainable=None) -> str:
     """`ptv2 COMMAND` (run or sweep) on the spec; returns the value of its `ANSWER:` output line
-    (the MLflow run id, or the sweep id). A method of TRAINABLES goes through the same service
-    code in this process, with its Trainable."""
+    (the MLflow run id, or the sweep id). A baseline Trainable goes through the same service code
+    in this process (the command line has no flag for it: it is not a product feature)."""
     path = workdir / f"{spec['name']}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     t0 = time.time()
@@ -159,11 +229,6 @@ def in_process(command: str, path: Path, trainable, t0: float) -> str:
     return value
 
 
-def run(spec: dict, workdir: Path, method: str | None = None) -> str:
-    """`ptv2 run` on the spec; returns the MLflow run id."""
-    return service("run", spec, workdir, "run id", TRAINABLES[method]() if method in TRAINABLES else None)
-
-
 def results(run_id: str) -> dict:
     from ptv2.tracking import Tracker
 
@@ -178,19 +243,14 @@ def results(run_id: str) -> dict:
         "params": {
             k: r.params.get(k)
             for k in ("prompt.method", "prompt.length", "prompt.projection", "prompt.init")
-            + ("train.lr", "train.head_lr", "train.max_steps")
+            + ("train.lr", "train.head_lr", "train.max_steps", "train.seed")
         },
     }
 
 
-def sweep(spec: dict, workdir: Path, method: str | None = None) -> str:
-    """`ptv2 sweep` on the spec (embedded Ray, one trial at a time on 2 cores); returns the sweep id."""
-    return service("sweep", spec, workdir, "sweep", TRAINABLES[method]() if method in TRAINABLES else None)
-
-
 def sweep_trials(sweep_id: str, metric: str, experiment: str = "quality") -> list[dict]:
-    """Every trial of the sweep as MLflow recorded it: status, the swept lr, the dev metric at
-    each evaluation, the test metrics (trials that ran to the end), parameters, wall time."""
+    """Every trial of the sweep as MLflow recorded it: status, its seed and lr, the dev metric at
+    each evaluation, the test metrics, parameters, wall time."""
     from ptv2.tracking import Tracker
 
     tracker = Tracker(None)
@@ -201,136 +261,115 @@ def sweep_trials(sweep_id: str, metric: str, experiment: str = "quality") -> lis
         res = results(r.run_id)
         history = tracker.history(r.run_id, f"eval/{metric}")
         res.update(
-            status="stopped early" if r.early_stopped else r.status.lower(),
+            status=r.status.lower(),
+            seed=int(res["params"]["train.seed"] or 0),
+            lr=float(res["params"]["train.lr"]),
             dev=[round(m.value, 4) for m in history],
             dev_final=history[-1].value if history else None,
         )
         out.append(res)
-    return sorted(out, key=lambda t: float(t["params"]["train.lr"]))
+    return sorted(out, key=lambda t: (t["lr"], t["seed"]))
 
 
-def classification(
-    data: Path, workdir: Path, dataset: str, labels: list[str], methods, out: dict, save=lambda: None
-) -> dict:
-    """One sweep per method (same grid size and ASHA settings); the chosen trial is the completed
-    one with the best final dev accuracy (the model its test score belongs to). `out` is filled
-    as each method's sweep ends (the caller saves it: an interrupted run keeps what it measured)."""
-    for method in methods:
-        settings, steps, lrs = METHODS[method]
-        spec = merge(
-            base_spec(f"{dataset}-{method}", data, dataset, "minilm", "seq-cls", labels, steps, 16, 64, "quality"),
-            settings,
-        )
-        spec["train"]["eval_every"] = steps // EVALUATIONS
-        spec["sweep"] = {
-            "parameters": {"train.lr": {"grid": lrs}},
-            "metric": "accuracy",
-            "early_stopping": {"grace_period": 2, "reduction_factor": 2},
-        }
-        sweep_id = sweep(spec, workdir, method)
-        trials = sweep_trials(sweep_id, "accuracy")
-        done = [t for t in trials if t["status"] == "finished" and "test/accuracy" in t["metrics"]]
+def task_spec(task: Task, data: Path, method: str, steps: int, lr: float | None) -> dict:
+    spec = base_spec(
+        f"{task.name}-{method}",
+        data,
+        task.name,
+        task.model,
+        task.kind,
+        task.labels,
+        steps,
+        task.micro_batch,
+        task.max_length,
+        "quality",
+    )
+    spec = merge(spec, METHODS[method].settings)
+    if task.kind == "causal-lm" and method == "ptv2":
+        spec["prompt"]["init"] = GENERATION["ptv2_init"]
+    spec["train"]["eval_every"] = max(1, steps // 4)  # the dev curve, recorded
+    if lr is not None:
+        spec["train"]["lr"] = lr
+    return spec
+
+
+def trainable_for(method: str, task: Task):
+    if method == "lora-matched":
+        return Lora(r=MATCHED_RANK[task.model])
+    factory = METHODS[method].trainable
+    return factory() if factory is not None else None
+
+
+def seeds_of(task: Task, method: str, data: Path, workdir: Path, out: dict, save) -> None:
+    """`method` on `task` over SEEDS, each as a trial of one `ptv2 sweep` (ASHA off); first a
+    learning-rate sweep at seed 0 where no rate was chosen before. `out[method]` is written as
+    soon as it is known (the caller's `save` keeps it)."""
+    m = METHODS[method]
+    generation = task.kind == "causal-lm"
+    steps = GENERATION["steps"] if generation else m.steps
+    lr = (GENERATION["lrs"] if generation else m.lrs).get(method if generation else task.name)
+    entry = {"steps": steps, "lr": lr, "chosen": "earlier one-seed run or sweep (QUALITY.md)", "seeds": []}
+    if generation and method == "full-ft":
+        entry["chosen"] = "a common rate, not swept"
+    partner = out.get("lora-r8" if method == "lora-matched" else "lora-matched", {})
+    if lr is None and method.startswith("lora") and partner.get("lr"):  # one LoRA sweep per task
+        lr = partner["lr"]
+        entry.update(lr=lr, chosen=f"the rate chosen for the other LoRA rank ({partner['chosen']})")
+    if lr is None:
+        spec = task_spec(task, data, method, steps, None)
+        spec["train"]["seed"] = 0
+        spec["sweep"] = {"parameters": {"train.lr": {"grid": m.sweep}}, "metric": task.metric, "early_stopping": None}
+        tried = sweep_trials(sweep(spec, workdir, trainable_for(method, task)), task.metric)
+        done = [t for t in tried if t["status"] == "finished" and t["dev_final"] is not None]
         if not done:
-            raise RuntimeError(f"sweep {sweep_id} ({dataset} {method}): no trial finished")
-        best = max(done, key=lambda t: t["dev_final"])
-        out[method] = {
-            **best,
-            "sweep_id": sweep_id,
-            "steps": steps,
-            "trials": trials,
-            "sweep_wall_s": sum(t["wall_s"] for t in trials),
-        }
+            raise RuntimeError(f"{task.name} {method}: no learning rate trial finished")
+        best = (min if task.lower else max)(done, key=lambda t: t["dev_final"])
+        entry.update(lr=best["lr"], chosen=f"swept {m.sweep} at seed 0, best on dev", lr_trials=tried)
+        entry["seeds"].append(best)
+        out[method] = entry
         save()
-    return out
+    seeds = [s for s in SEEDS if s not in {t["seed"] for t in entry["seeds"]}]
+    spec = task_spec(task, data, method, steps, entry["lr"])
+    spec["sweep"] = {"parameters": {"train.seed": {"grid": seeds}}, "metric": task.metric, "early_stopping": None}
+    entry["seeds"] += sweep_trials(sweep(spec, workdir, trainable_for(method, task)), task.metric)
+    entry["seeds"].sort(key=lambda t: t["seed"])
+    out[method] = entry
+    save()
 
 
-def ner(data: Path, workdir: Path, steps: int) -> dict:
-    out = {}
-    for method in ("ptv2", "full-ft"):
-        settings = merge(METHODS[method][0], {"train": {"lr": 3e-2 if method == "ptv2" else 5e-5}})
-        spec = merge(
-            base_spec(f"wnut16-{method}", data, "wnut16", "minilm", "token-cls", NER_TAGS, steps, 16, 96, "quality"),
-            settings,
-        )
-        out[method] = results(run(spec, workdir, method))
-    return out
+def sweep(spec: dict, workdir: Path, trainable=None) -> str:
+    """`ptv2 sweep` on the spec (embedded Ray, one trial at a time on 2 cores); returns the sweep id."""
+    return service("sweep", spec, workdir, "sweep", trainable)
 
 
-GENERATION_STEPS = 120
-GENERATION_PROMPTS = {  # name -> (prompt settings, lr)
-    "prompt-tuning": ({"method": "prompt-tuning", "length": 16}, 3e-2),
-    "ptv2": ({"method": "ptv2", "length": 16, "init": "text"}, 1e-2),  # init chosen in the ablation
-}
-
-
-def generation(
-    data: Path, workdir: Path, steps: int, n_eval: int = 60, prompts: dict | None = None, baseline: bool = True
-) -> dict:
-    """SmolLM2 on chatterbot replies: eval loss and exact match, with no prompt, a Lester prompt
-    and a P-Tuning v2 prompt. The prompts are fetched back from MLflow for generation."""
+def no_prompt(data: Path) -> dict:
+    """SmolLM2 alone on the test replies: the loss every prompt should lower."""
     import torch
     from transformers import AutoTokenizer
 
-    from launcher.prompts import fetch
-    from ptv2.artifact import load_prompt
     from ptv2.data import collator, load_examples
     from ptv2.evaluate import evaluate
-    from ptv2.infer import generate
     from ptv2.model import PromptedModel, load_base_model
     from ptv2.settings import DataSettings, PromptConfig
 
     model_dir = data / "models" / "smollm2-135m"
     tok = AutoTokenizer.from_pretrained(model_dir)
-    rows = [json.loads(x) for x in (data / "chat" / "test.jsonl").read_text().splitlines()][:n_eval]
-    template = "User: {prompt}\nAssistant:"
-    settings = DataSettings(train_file="x", prompt_template=template, max_length=64)
-    test_ex = load_examples(data / "chat" / "test.jsonl", settings, "causal-lm", None, tok)
-
-    def score(model) -> dict:
-        loss = evaluate(
-            lambda **b: model(**b).logits,
-            test_ex,
-            "causal-lm",
-            None,
-            16,
-            collator(tok, "causal-lm"),
-            0,
-            1,
-            torch.device("cpu"),
-        )["loss"]
-        outs = generate(model, tok, [template.replace("{prompt}", r["prompt"]) for r in rows], max_new_tokens=24)
-        em = sum(o.strip() == r["response"].strip() for o, r in zip(outs, rows, strict=True)) / len(rows)
-        return {"test/loss": loss, "test/exact_match": em}
-
-    out = {}
-    if baseline:
-        base, _ = load_base_model(model_dir, "causal-lm")
-        out["no-prompt"] = {
-            "metrics": score(PromptedModel(base, PromptConfig(length=0), "causal-lm").eval()),
-            "trainable_params": 0,
-            "trainable_share_pct": 0.0,
-            "wall_s": 0.0,
-        }
-    for name, (prompt, lr) in (prompts or GENERATION_PROMPTS).items():
-        spec = base_spec(
-            f"smollm2-chat-{name}", data, "chat", "smollm2-135m", "causal-lm", None, steps, 8, 64, "quality"
-        )
-        spec["prompt"] = prompt
-        spec["train"]["lr"] = lr
-        res = results(run(spec, workdir))
-        with tempfile.TemporaryDirectory() as tmp:
-            fetch(None, res["run_id"], Path(tmp) / "p")
-            model = load_prompt(Path(tmp) / "p", load_base_model(model_dir, "causal-lm")[0]).eval()
-            res["metrics"].update(score(model))
-        res["params"]["prompt.init"] = PromptConfig(**prompt).resolved_init("decoder")
-        out[name] = res
-    return out
+    settings = DataSettings(train_file="x", prompt_template="User: {prompt}\nAssistant:", max_length=64)
+    test = load_examples(data / "chat" / "test.jsonl", settings, "causal-lm", None, tok)
+    model = PromptedModel(load_base_model(model_dir, "causal-lm")[0], PromptConfig(length=0), "causal-lm").eval()
+    metrics = evaluate(model, test, "causal-lm", None, 16, collator(tok, "causal-lm"), 0, 1, torch.device("cpu"))
+    return {"test/loss": metrics["loss"], "test/accuracy": metrics["accuracy"]}
 
 
-def ablations(data: Path, workdir: Path) -> dict:
-    """Why the generation numbers (QUALITY.md): the prefix initialisation on SmolLM2."""
-    inits = {f"ptv2-init-{i}": ({"method": "ptv2", "length": 16, "init": i}, 1e-2) for i in ("normal", "vocab")}
-    return {"smollm2-init": generation(data, workdir, steps=GENERATION_STEPS, baseline=False, prompts=inits)}
+def check_splits(data: Path, task: Task) -> None:
+    """Refuse splits that share an input: test scores on seen examples would overstate."""
+    key = {"seq-cls": "text", "token-cls": "tokens", "causal-lm": "prompt"}[task.kind]
+    seen: dict[str, str] = {}
+    for split in ("train", "dev", "test"):
+        for line in (data / task.name / f"{split}.jsonl").read_text().splitlines():
+            value = json.dumps(json.loads(line)[key])
+            if seen.setdefault(value, split) != split:
+                raise SystemExit(f"{task.name}: an input of {split} is also in {seen[value]}: de-duplicate first")
 
 
 def quick(data: Path, workdir: Path) -> int:
@@ -340,8 +379,8 @@ def quick(data: Path, workdir: Path) -> int:
     for method, lr in QUICK.items():
         labels = ["negative", "positive"]
         spec = base_spec(f"polarity-{method}", data, "polarity", "minilm", "seq-cls", labels, 120, 16, 64, "quality")
-        spec = merge(spec, merge(METHODS[method][0], {"train": {"lr": lr}}))
-        acc[method] = results(run(spec, workdir, method))["metrics"]["test/accuracy"]
+        spec = merge(spec, merge(METHODS[method].settings, {"train": {"lr": lr}}))
+        acc[method] = results(service("run", spec, workdir, "run id"))["metrics"]["test/accuracy"]
     a, b = acc["ptv2"], acc["linear-probe"]
     print(f"quick: polarity test accuracy ptv2 {a:.3f} vs linear probe {b:.3f} ({time.time() - t0:.0f} s)")
     if not a > b:
@@ -355,18 +394,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="~4.5 min: ptv2 vs linear probe on polarity, asserted")
     ap.add_argument("--data", type=Path, default=ROOT / "data", help="prepared by python -m ptv2.assets")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "quality.json")
+    ap.add_argument("--only", nargs="+", default=list(TASKS), choices=list(TASKS), help="tasks to run")
     ap.add_argument(
-        "--only",
-        nargs="+",
-        default=["polarity", "uncertainty", "smollm2", "ablations"],
-        choices=["polarity", "uncertainty", "smollm2", "ablations", "wnut16"],
-        help="experiments to run (wnut16, ~10 min, is not in the default)",
-    )
-    ap.add_argument(
-        "--methods",
-        nargs="+",
-        choices=list(METHODS),
-        help="classification methods to (re)run; the results of the experiment's other methods are kept",
+        "--methods", nargs="+", choices=list(METHODS), help="methods to (re)run; the task's other results are kept"
     )
     ap.add_argument("--report", action="store_true", help="print the Markdown tables of --json and exit")
     args = ap.parse_args()
@@ -383,53 +413,44 @@ def main() -> int:
         workdir = Path(tmp)
         if args.quick:
             return quick(args.data, workdir)
-        # runs of earlier invocations (--only) are kept: the JSON accumulates the experiments
-        results: dict = json.loads(args.json.read_text()) if args.json.is_file() else {}
-        meta = results.setdefault("_meta", {})
+        # what earlier invocations measured is kept: results accumulate, a run at a time
+        old = json.loads(args.json.read_text()) if args.json.is_file() else {}
+        results: dict = old if old.get("_meta", {}).get("seeds") == list(SEEDS) else {"_previous": old}
+        meta = results.setdefault("_meta", {"seeds": list(SEEDS)})
 
-        def save() -> None:  # after every experiment, so an interrupted run keeps what it measured
-            meta.update(cpu_count=os.cpu_count(), python=sys.version.split()[0])
+        def save() -> None:
+            meta.update(cpu_count=os.cpu_count(), python=sys.version.split()[0], wall_s=round(time.time() - t0))
             args.json.write_text(json.dumps(results, indent=2) + "\n")
 
-        def partial(name: str) -> dict:  # the experiment's entry, filled as it goes
-            if not args.methods:  # a whole experiment starts afresh
-                results[name] = {}
-            return results.setdefault(name, {})
-
-        def methods(names) -> list[str]:
-            return [m for m in names if not args.methods or m in args.methods]
-
-        experiments = {
-            "polarity": lambda: classification(
-                args.data, workdir, "polarity", ["negative", "positive"], methods(METHODS), partial("polarity"), save
-            ),
-            "uncertainty": lambda: classification(
-                args.data,
-                workdir,
-                "uncertainty",
-                ["certain", "uncertain"],
-                methods(["ptv2", "full-ft", "prompt-tuning", "linear-probe"]),
-                partial("uncertainty"),
-                save,
-            ),
-            "wnut16": lambda: ner(args.data, workdir, steps=250),
-            "smollm2": lambda: generation(args.data, workdir, steps=GENERATION_STEPS),
-            "ablations": lambda: ablations(args.data, workdir),
-        }
         for name in args.only:
-            print(name, flush=True)
-            t1 = time.time()
-            results[name] = experiments[name]()
-            walls = meta.setdefault("wall_s", {})
-            walls[name] = round(time.time() - t1) + (walls.get(name, 0) if args.methods else 0)
-            save()
+            check_splits(args.data, TASKS[name])
+            if TASKS[name].kind == "causal-lm" and not args.methods:
+                base = {"metrics": no_prompt(args.data), "trainable_params": 0, "trainable_share_pct": 0.0}
+                results.setdefault(name, {})["no-prompt"] = base
+        for method in ORDER:
+            if args.methods and method not in args.methods:
+                continue
+            for name in args.only:
+                if method in TASKS[name].methods:
+                    print(f"{name}: {method}", flush=True)
+                    seeds_of(TASKS[name], method, args.data, workdir, results.setdefault(name, {}), save)
     print(f"done in {time.time() - t0:.0f} s")
-    try:
-        plot(results, args.json.with_name("quality.png"))
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
+    figures = plot(results, args.json.parent)
+    log_report(results, figures)
     print(report(results))
     return 0
+
+
+def log_report(results: dict, figures: list[Path]) -> None:
+    """The plots and quality.json, logged to a run of the quality experiment (beside the sweeps)."""
+    from ptv2.tracking import Tracker
+
+    tracker = Tracker(None)
+    run_id = tracker.start_run("quality", "quality-report", {"seeds": len(SEEDS)}, {"ptv2.kind": "report"})
+    for path in figures:
+        tracker.log_file(run_id, path)
+    tracker.log_text(run_id, json.dumps(results, indent=2), "quality.json")
+    tracker.end(run_id, "FINISHED")
 
 
 if __name__ == "__main__":

@@ -1,124 +1,161 @@
-"""Tables and plot of benchmarks/quality.py's results (QUALITY.md is generated from these)."""
+"""Tables, verdicts and plots of benchmarks/quality.py's results (QUALITY.md's numbers come from
+quality.json through these)."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
-METHODS = ("ptv2", "ptv2-mlp", "prompt-tuning", "full-ft", "linear-probe")
+METHODS = ("ptv2", "prompt-tuning", "lora-r8", "lora-matched", "full-ft", "linear-probe")
+TASKS = {  # name -> (title, primary metric, lower is better, shown as a percentage)
+    "polarity": ("Polarity (Pang & Lee sentences), MiniLM-L6", "accuracy", False, True),
+    "uncertainty": ("CoNLL-2010 uncertainty sentences, MiniLM-L6", "accuracy", False, True),
+    "wnut16": ("WNUT-16 NER (tweets), MiniLM-L6", "entity_f1", False, True),
+    "smollm2": ("SmolLM2-135M-Instruct, chatterbot replies", "loss", True, False),
+}
 
 
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for dataset, marker in (("polarity", "o"), ("uncertainty", "s")):
-        for method, res in results.get(dataset, {}).items():
-            if method.startswith("_"):
-                continue
-            x = max(res["trainable_params"], 1)
-            y = 100 * res["metrics"].get("test/accuracy", 0)
-            ax.scatter(x, y, marker=marker, s=60)
-            ax.annotate(f"{dataset}: {method}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("MiniLM-L6: accuracy against trainable parameters")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def scores(entry: dict, split: str, metric: str) -> list[float]:
+    key = f"{split}/{metric}"
+    return [t["metrics"][key] for t in entry.get("seeds", []) if key in t["metrics"]]
 
 
-def _pct(v) -> str:
-    return "—" if v is None else f"{100 * v:.1f}"
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _classification(res: dict, title: str) -> list[str]:
+def _fmt(values: list[float], pct: bool) -> str:
+    if not values:
+        return "—"
+    m, sd = mean_sd(values)
+    k = 100 if pct else 1
+    return f"{k * m:.1f} ± {k * sd:.1f}" if pct else f"{m:.3f} ± {sd:.3f}"
+
+
+def _table(name: str, res: dict) -> list[str]:
+    title, metric, _, pct = TASKS[name]
+    shown = metric.replace("_", " ")
     lines = [
         f"### {title}",
         "",
-        "| method | test accuracy | test macro-F1 | dev accuracy | trainable params | share | steps | chosen lr "
-        "| trials (stopped early) | wall of the chosen trial (s) | wall of the sweep (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| method | test {shown} | dev {shown} | seeds | trained params | share | lr | chosen | steps "
+        "| wall per run (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if "no-prompt" in res:
+        m = res["no-prompt"]["metrics"]
+        lines.append(f"| no prompt (the base alone) | {m['test/loss']:.3f} | — | — | 0 | 0% | — | — | — | — |")
     for method in METHODS:
         r = res.get(method)
-        if not r:
+        if not r or not r.get("seeds"):
             continue
-        m, p = r["metrics"], r["params"]
-        stopped = sum(t["status"] == "stopped early" for t in r["trials"])
+        runs = r["seeds"]
+        walls = [t["wall_s"] for t in runs]
         lines.append(
-            f"| {method} | {_pct(m.get('test/accuracy'))} | {_pct(m.get('test/macro_f1'))} | "
-            f"{_pct(r['dev_final'])} | {r['trainable_params']:,} | {r['trainable_share_pct']:.3f}% | {r['steps']} | "
-            f"{p['train.lr']} | {len(r['trials'])} ({stopped}) | {r['wall_s']:.0f} | {r['sweep_wall_s']:.0f} |"
+            f"| {method} | {_fmt(scores(r, 'test', metric), pct)} | {_fmt(scores(r, 'eval', metric), pct)} | "
+            f"{len(runs)} | {runs[0]['trainable_params']:,} | {runs[0]['trainable_share_pct']:.3f}% | {r['lr']:g} | "
+            f"{r['chosen']} | {r['steps']} | {statistics.mean(walls):.0f} |"
         )
-    lines += [
-        "",
-        "Every trial (dev accuracy at each evaluation; test accuracy for trials that ran to the end):",
-        "",
-        "| method | lr | status | dev accuracy per evaluation | test accuracy | wall (s) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for method in METHODS:
-        for t in (res.get(method) or {}).get("trials", []):
-            dev = " → ".join(_pct(v) for v in t["dev"])
-            lines.append(
-                f"| {method} | {t['params']['train.lr']} | {t['status']} | {dev} | "
-                f"{_pct(t['metrics'].get('test/accuracy'))} | {t['wall_s']:.0f} |"
-            )
     return lines + [""]
 
 
+def verdicts(results: dict) -> list[str]:
+    """The goals of QUALITY.md, judged from the 3-seed means (points: percentage points)."""
+    out = []
+
+    def gap(task: str, a: str, b: str) -> tuple[float, float, float] | None:
+        """(mean of a - mean of b, sd of a, sd of b) on test, in points (or loss ratio for smollm2)."""
+        res = results.get(task, {})
+        metric = TASKS[task][1]
+        sa, sb = scores(res.get(a, {}), "test", metric), scores(res.get(b, {}), "test", metric)
+        if not sa or not sb:
+            return None
+        (ma, da), (mb, db) = mean_sd(sa), mean_sd(sb)
+        return 100 * (ma - mb), 100 * da, 100 * db
+
+    def line(goal: str, task: str, a: str, b: str, margin: float) -> None:
+        g = gap(task, a, b)
+        if g is None:
+            out.append(f"- {goal} on {task}: **not measured** ({a} or {b} missing)")
+            return
+        d, da, db = g
+        met = d >= -margin
+        spread = "within" if abs(d + margin) <= max(da, db) else "outside"
+        out.append(
+            f"- {goal} on {task}: {a} − {b} = {d:+.1f} points (sd {da:.1f} / {db:.1f}): "
+            f"**{'met' if met else 'missed'}**"
+            + ("" if met else f" by {-(d + margin):.1f} points, {spread} the seeds' spread")
+        )
+
+    for task in ("polarity", "uncertainty"):
+        line("ptv2 ≥ full FT − 1", task, "ptv2", "full-ft", 1)
+    line("ptv2 ≥ full FT − 2 (entity F1)", "wnut16", "ptv2", "full-ft", 2)
+    for task in ("polarity", "uncertainty", "wnut16"):
+        line("ptv2 ≥ LoRA (matched rank: more trained parameters than ptv2) − 1", task, "ptv2", "lora-matched", 1)
+    for task in ("polarity", "uncertainty", "wnut16"):
+        line("ptv2 ≥ Lester + 5", task, "ptv2", "prompt-tuning", -5)
+    res = results.get("smollm2", {})
+    a, b = scores(res.get("ptv2", {}), "test", "loss"), scores(res.get("lora-matched", {}), "test", "loss")
+    if a and b:
+        ratio = statistics.mean(a) / statistics.mean(b)
+        out.append(
+            f"- ptv2 reply loss within 5% of LoRA's (matched rank) on SmolLM2: {statistics.mean(a):.3f} vs "
+            f"{statistics.mean(b):.3f} = {ratio:.3f}×: **{'met' if ratio <= 1.05 else 'missed'}**"
+        )
+    for task in ("polarity", "uncertainty", "wnut16"):
+        r = results.get(task, {}).get("ptv2", {}).get("seeds")
+        if r:
+            share = r[0]["trainable_share_pct"]
+            out.append(
+                f"- ptv2 trains ≤ 1% of the parameters on {task}: {share:.3f}%: **{'met' if share <= 1 else 'missed'}**"
+            )
+    return out
+
+
 def report(results: dict) -> str:
-    """Markdown tables of the results (QUALITY.md's numbers are generated from quality.json)."""
     lines = []
-    for dataset, title in (
-        ("polarity", "Polarity (Pang & Lee sentences), MiniLM-L6"),
-        ("uncertainty", "CoNLL-2010 uncertainty sentences, MiniLM-L6"),
-    ):
-        if results.get(dataset):
-            lines += _classification(results[dataset], title)
-    if results.get("wnut16"):
-        lines += [
-            "### WNUT-16 NER (tweets), MiniLM-L6",
-            "",
-            "| method | test entity F1 | precision | recall | trainable params | share | wall (s) |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for method, r in results["wnut16"].items():
-            m = r["metrics"]
-            lines.append(
-                f"| {method} | {_pct(m.get('test/entity_f1'))} | {_pct(m.get('test/entity_precision'))} | "
-                f"{_pct(m.get('test/entity_recall'))} | {r['trainable_params']:,} | "
-                f"{r['trainable_share_pct']:.3f}% | {r['wall_s']:.0f} |"
-            )
-        lines.append("")
-    if results.get("smollm2"):
-        lines += [
-            "### SmolLM2-135M-Instruct, chatterbot replies (generation)",
-            "",
-            "| prompt | test loss (reply tokens) | exact match (greedy) | trainable params | wall (s) |",
-            "|---|---|---|---|---|",
-        ]
-        for method, r in results["smollm2"].items():
-            m = r["metrics"]
-            lines.append(
-                f"| {method} | {m['test/loss']:.3f} | {_pct(m['test/exact_match'])} | "
-                f"{r['trainable_params']:,} | {r['wall_s']:.0f} |"
-            )
-        lines.append("")
-    ab = results.get("ablations") or {}
-    if ab.get("smollm2-init"):
-        lines += [
-            "### Ablation: P-Tuning v2 prefix initialisation on SmolLM2 (chatterbot replies, same steps)",
-            "",
-            "| init | test loss (reply tokens) | exact match (greedy) | wall (s) |",
-            "|---|---|---|---|",
-        ]
-        for name, r in ab["smollm2-init"].items():
-            m = r["metrics"]
-            lines.append(f"| {name} | {m['test/loss']:.3f} | {_pct(m['test/exact_match'])} | {r['wall_s']:.0f} |")
-        lines.append("")
+    for task in TASKS:
+        if results.get(task):
+            lines += _table(task, results[task])
+    lines += ["### Verdicts (3-seed means, test)", "", *verdicts(results), ""]
     return "\n".join(lines)
+
+
+def plot(results: dict, folder: Path) -> list[Path]:
+    """One figure per task: each method's seeds (dots) and their mean (bar); returns the files."""
+    try:
+        import matplotlib
+    except ImportError:
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for task, (title, metric, lower, pct) in TASKS.items():
+        res = results.get(task)
+        if not res:
+            continue
+        names = [m for m in METHODS if res.get(m, {}).get("seeds")]
+        if not names:
+            continue
+        k = 100 if pct else 1
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        for i, m in enumerate(names):
+            values = [k * v for v in scores(res[m], "test", metric)]
+            ax.bar(i, statistics.mean(values), color="#9ecae1", width=0.6)
+            ax.scatter([i] * len(values), values, color="#08519c", zorder=3, s=18)
+        if "no-prompt" in res:
+            ax.axhline(res["no-prompt"]["metrics"]["test/loss"], color="grey", linestyle="--", label="base alone")
+            ax.legend()
+        ax.set_xticks(range(len(names)), names, rotation=20)
+        values = [k * v for m in names for v in scores(res[m], "test", metric)]
+        ax.set_ylim(min(values) - 0.1 * (max(values) - min(values) + 1e-9) - (2 if pct else 0.05), None)
+        ax.set_ylabel(f"test {metric}" + (" (%)" if pct else "") + (" — lower is better" if lower else ""))
+        ax.set_title(f"{title}: 3 seeds")
+        ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        path = folder / f"quality_{task}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
