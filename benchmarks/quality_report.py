@@ -79,7 +79,7 @@ def verdicts(results: dict) -> list[str]:
             out.append(f"- {goal} on {task}: **not measured** ({a} or {b} missing)")
             return
         d, da, db = g
-        met = d >= -margin
+        met = d >= -margin - 1e-9  # accuracies are multiples of 1/400: a tie with the margin is real, not rounding
         spread = "within" if abs(d + margin) <= max(da, db) else "outside"
         out.append(
             f"- {goal} on {task}: {a} − {b} = {d:+.1f} points (sd {da:.1f} / {db:.1f}): "
