@@ -126,6 +126,25 @@ class running_mlflow_server:  # noqa: N801 (a context manager, used like a funct
         self.proc.wait(timeout=30)
 
 
+def stop_serve(proc, log, *folders) -> None:
+    """Stop a `ptv2 serve` process the test started (SIGINT: it stops Serve and its embedded Ray
+    itself; its process group is killed only if it hangs), close its log, remove its folders."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.close()
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def write_spec(
     folder,
     task: str = "causal-lm",

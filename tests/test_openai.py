@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, wait_for
+from tests.helpers import free_port, stop_serve, wait_for
 from tests.serving_helpers import alone, make_prompt
 
 pytestmark = [pytest.mark.slow]
@@ -98,15 +97,7 @@ def server():
 
     wait_for(up, 300, "ptv2 serve to come up", step=1, context=lambda: (d / "serve.log").read_text()[-3000:])
     yield {"url": url, "metrics": f"http://127.0.0.1:{metrics_port}/metrics", "base": base, "prompts": prompts}
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    log.close()
-    shutil.rmtree(short, ignore_errors=True)
-    shutil.rmtree(d, ignore_errors=True)
+    stop_serve(proc, log, short, d)
 
 
 @pytest.fixture(scope="module")

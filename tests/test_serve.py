@@ -26,7 +26,7 @@ import pytest
 
 from ptv2.infer import generate as generate_alone
 from ptv2.infer import predict as predict_alone
-from tests.helpers import free_port
+from tests.helpers import free_port, stop_serve
 from tests.serving_helpers import alone, make_prompt, save_base
 from tests.tiny import tiny_tokenizer
 
@@ -151,15 +151,7 @@ def server():
         proc.kill()
         pytest.fail(f"ptv2 serve did not come up:\n{(d / 'serve.log').read_text()[-4000:]}")
     yield {"url": url, "base": base, "prompts": prompts, "registry": registry, "proc": proc, "dir": d}
-    proc.send_signal(signal.SIGINT)  # the command stops Serve and its embedded Ray itself
-    try:
-        proc.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    log.close()
-    shutil.rmtree(short, ignore_errors=True)
-    shutil.rmtree(d, ignore_errors=True)
+    stop_serve(proc, log, short, d)
 
 
 @pytest.fixture(scope="module")
