@@ -15,6 +15,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.dist]
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# the suite's 600 s default is too close to this test's ~6 minutes on a busy 2-core machine; its
+# subprocess has its own 900 s limit, which is the one that should end it
+@pytest.mark.timeout(960)
 def test_ptv2_beats_the_linear_probe_on_polarity(tmp_path):
     env = {
         **os.environ,
