@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-METHODS = ("ptv2", "prompt-tuning", "lora-r8", "lora-matched", "full-ft", "linear-probe")
+METHODS = ("ptv2", "ptv2-long", "prompt-tuning", "lora-r8", "lora-matched", "full-ft", "linear-probe")
 TASKS = {  # name -> (title, primary metric, lower is better, shown as a percentage)
     "polarity": ("Polarity (Pang & Lee sentences), MiniLM-L6", "accuracy", False, True),
     "uncertainty": ("CoNLL-2010 uncertainty sentences, MiniLM-L6", "accuracy", False, True),
@@ -29,6 +29,8 @@ def _fmt(values: list[float], pct: bool) -> str:
         return "—"
     m, sd = mean_sd(values)
     k = 100 if pct else 1
+    if len(values) == 1:  # no spread to show
+        return f"{k * m:.1f} (one seed)" if pct else f"{m:.3f} (one seed)"
     return f"{k * m:.1f} ± {k * sd:.1f}" if pct else f"{m:.3f} ± {sd:.3f}"
 
 
