@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-METHODS = ("ptv2", "ptv2-long", "prompt-tuning", "lora-r8", "lora-matched", "full-ft", "linear-probe")
+METHODS = ("ptv2", "ptv2-long", "prompt-tuning", "lora-r8", "lora-matched", "full-ft", "full-ft-long", "linear-probe")
 TASKS = {  # name -> (title, primary metric, lower is better, shown as a percentage)
     "polarity": ("Polarity (Pang & Lee sentences), MiniLM-L6", "accuracy", False, True),
     "uncertainty": ("CoNLL-2010 uncertainty sentences, MiniLM-L6", "accuracy", False, True),
