@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -65,8 +65,8 @@ def _lora(r: int) -> Callable:
 
 # The one-seed sweeps recorded in quality.json (2026-11-28, chosen on dev accuracy): polarity and
 # uncertainty; the WNUT-16 (prompts only: full fine-tuning is swept) and SmolLM2 rates of the
-# earlier single runs. LoRA: PEFT's LoraConfig on
-# the attention projections (BERT: query/key/value; Llama: q/k/v/o). r=8, and the rank with about
+# earlier single runs. LoRA: PEFT's LoraConfig on the attention projections (BERT:
+# query/key/value; Llama: q/k/v/o). r=8, and the rank with about
 # ptv2's trained parameters: MiniLM r=6 (82,944 LoRA values + head against ptv2's 74,498), SmolLM2
 # r=2 (241,920 against ptv2's 184,320): ptv2 trains fewer than either.
 METHODS = {
@@ -94,17 +94,12 @@ METHODS = {
     "linear-probe": Method(
         {"prompt": {"length": 0}}, WEIGHT_STEPS, {"polarity": 1e-1, "uncertainty": 3e-2}, [1e-2, 3e-2, 1e-1]
     ),
-    # Not goals' rows, run only when named (--methods): what twice the steps give a method whose dev
-    # score was still rising at its last evaluation. Full fine-tuning on WNUT-16 at the rate its
-    # sweep chose (2e-4, the grid's top).
-    "ptv2-long": Method(
-        {"prompt": {"method": "ptv2", "length": 16}},
-        2 * PROMPT_STEPS,
-        {"polarity": 2e-2, "uncertainty": 4e-2, "wnut16": 3e-2},
-        LR_SWEEP["prompt"],
-    ),
-    "full-ft-long": Method({"prompt": {"length": 0}}, 2 * WEIGHT_STEPS, {"wnut16": 2e-4}, [], FullFineTuning),
 }
+# Not goals' rows, run only when named (--methods): what twice the steps give a method whose dev
+# score was still rising at its last evaluation. Full fine-tuning on WNUT-16 at the rate its sweep
+# chose (2e-4, the grid's top).
+METHODS["ptv2-long"] = replace(METHODS["ptv2"], steps=2 * PROMPT_STEPS)
+METHODS["full-ft-long"] = replace(METHODS["full-ft"], steps=2 * WEIGHT_STEPS, lrs={"wnut16": 2e-4})
 OPT_IN = {"ptv2-long", "full-ft-long"}
 MATCHED_RANK = {"minilm": 6, "smollm2-135m": 2}
 QUICK = {"ptv2": 2e-2, "linear-probe": 3e-2}  # --quick: one run each, 120 steps
