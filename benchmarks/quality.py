@@ -446,7 +446,8 @@ def main() -> int:
 
         for name in args.only:
             check_splits(args.data, TASKS[name])
-            if TASKS[name].kind == "causal-lm" and not args.methods:
+            # the loss every prompt should lower: cheap (one evaluation), measured when missing
+            if TASKS[name].kind == "causal-lm" and (not args.methods or "no-prompt" not in results.get(name, {})):
                 base = {"metrics": no_prompt(args.data), "trainable_params": 0, "trainable_share_pct": 0.0}
                 results.setdefault(name, {})["no-prompt"] = base
         for method in ORDER:
