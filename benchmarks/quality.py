@@ -68,7 +68,8 @@ def _lora(r: int) -> Callable:
 # earlier single runs. LoRA: PEFT's LoraConfig on the attention projections (BERT:
 # query/key/value; Llama: q/k/v/o). r=8, and the rank with about
 # ptv2's trained parameters: MiniLM r=6 (82,944 LoRA values + head against ptv2's 74,498), SmolLM2
-# r=2 (241,920 against ptv2's 184,320): ptv2 trains fewer than either.
+# r=2 (230,400: k and v are 192 wide under grouped-query attention, against ptv2's 184,320): ptv2
+# trains fewer than either.
 METHODS = {
     "ptv2": Method(
         {"prompt": {"method": "ptv2", "length": 16}},
