@@ -38,12 +38,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import FullFineTuning, Lora  # noqa: E402
-from quality_report import plot, report  # noqa: E402
+from quality_report import SEEDS, plot, report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PTV2 = Path(sys.executable).parent / "ptv2"
 PROMPT_STEPS, WEIGHT_STEPS = 300, 150  # prompts train for more steps than weights (THUDM's recipes)
-SEEDS = (0, 1, 2)
 # Grids for a task without a chosen rate. LoRA: polarity's sweep over 3e-4, 1e-3, 3e-3 chose its top
 # (dev 81.5 / 84.3 / 85.5), so the grid moved up one step; full fine-tuning: uncertainty's sweep over
 # 2e-5, 5e-5, 1e-4 chose its top, and WNUT-16 at 5e-5 was still under-trained after 150 steps.
